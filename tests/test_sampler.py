@@ -1,0 +1,649 @@
+"""Sampler and SamplingParams against a plain numpy re-implementation written here, row by row."""
+
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from tokenmill.errors import InvalidRequestError
+from tokenmill.sampler import DRY_MAX_MATCH, Sampler, SeqSamplingState, dry_breaker_ids
+from tokenmill.sampling import PRESETS, SamplingParams as P
+
+NEG = -np.inf
+
+
+# ---------------------------------------------------------------- numpy reference, one row at a time
+
+def softmax(l):
+    l = np.asarray(l, dtype=np.float64)
+    e = np.where(np.isfinite(l), np.exp(l - l[np.isfinite(l)].max()), 0.0)
+    return e / e.sum()
+
+
+def ref_penalties(l, p, prompt, output):
+    l = l.copy()
+    hist = list(prompt) + list(output)
+    if p.repetition_penalty != 1.0:
+        seen = set()
+        for dist, t in enumerate(reversed(hist)):  # newest first: a token's newest occurrence decides its weight
+            if t in seen:
+                continue
+            seen.add(t)
+            r, d = p.repetition_range, p.repetition_decay
+            if r == 0 or dist < r:
+                w = 1.0
+            elif dist < r + d:
+                w = 1.0 - (dist - r + 1) / (d + 1)
+            else:
+                continue
+            pen = 1.0 + (p.repetition_penalty - 1.0) * w
+            l[t] = l[t] / pen if l[t] > 0 else l[t] * pen
+    for t, c in Counter(output).items():
+        l[t] -= c * p.frequency_penalty + p.presence_penalty
+    return l
+
+
+def ref_masks(l, p, output, eos, banned_now=()):
+    l = l.copy()
+    if p.allowed_tokens is not None:
+        for t in range(len(l)):
+            if t not in p.allowed_tokens:
+                l[t] = NEG
+    for t, b in p.logit_bias.items():
+        l[t] += b
+    for t in list(p.disallowed_tokens) + list(banned_now):
+        l[t] = NEG
+    if p.ignore_eos or len(output) < p.min_new_tokens:
+        for t in eos:
+            l[t] = NEG
+    return l
+
+
+def ref_dry(l, p, hist, breakers):
+    l = l.copy()
+    if p.dry_multiplier == 0:
+        return l
+    if p.dry_range:
+        hist = hist[-p.dry_range:]
+    n = len(hist)
+    longest = {}
+    for j in range(1, n):  # hist[j] follows hist[:j]; how long a tail of hist[:j] equals the tail of hist?
+        if hist[j] in breakers:
+            continue
+        m = 0
+        while m < DRY_MAX_MATCH and j - 1 - m >= 0 and hist[n - 1 - m] not in breakers \
+                and hist[j - 1 - m] == hist[n - 1 - m]:
+            m += 1
+        longest[hist[j]] = max(longest.get(hist[j], 0), m)
+    for t, m in longest.items():
+        if m >= p.dry_allowed_length:
+            l[t] -= p.dry_multiplier * p.dry_base ** (m - p.dry_allowed_length)
+    return l
+
+
+def keep_ties(probs, kept):
+    """Extend a kept set to every token whose prob equals the smallest kept one."""
+    thr = min(probs[t] for t in kept)
+    return {t for t in range(len(probs)) if probs[t] >= thr and probs[t] > 0} | set(kept)
+
+
+def renorm(probs, kept):
+    out = np.array([probs[t] if t in kept else 0.0 for t in range(len(probs))])
+    return out / out.sum()
+
+
+def ref_filters(probs, p):
+    live = lambda: [t for t in range(len(probs)) if probs[t] > 0]
+    by_prob = lambda: sorted(live(), key=lambda t: -probs[t])
+    if p.top_k:
+        order = by_prob()
+        kept = keep_ties(probs, order[:p.top_k])
+        probs = renorm(probs, kept)
+    if p.top_p < 1:
+        kept, cum = [], 0.0
+        for t in by_prob():
+            if cum < p.top_p:
+                kept.append(t)
+                cum += probs[t]
+        probs = renorm(probs, keep_ties(probs, kept))
+    if p.top_a > 0:
+        top = probs.max()
+        probs = renorm(probs, {t for t in live() if probs[t] >= p.top_a * top * top})
+    if p.min_p > 0:
+        top = probs.max()
+        probs = renorm(probs, {t for t in live() if probs[t] >= p.min_p * top})
+    if p.tfs < 1:
+        order = by_prob()
+        s = [probs[t] for t in order]
+        if len(s) >= 3:
+            d = [abs(s[i] - 2 * s[i + 1] + s[i + 2]) for i in range(len(s) - 2)]
+            if sum(d) > 0:
+                k, c = 0, 0.0
+                while k < len(s) - 2:
+                    c += d[k] / sum(d)
+                    if c > p.tfs:
+                        break
+                    k += 1
+                probs = renorm(probs, keep_ties(probs, order[:k + 1]))
+    if p.typical_p < 1:
+        h = -sum(probs[t] * math.log(probs[t]) for t in live())
+        dev = {t: abs(-math.log(probs[t]) - h) for t in live()}
+        kept, cum = [], 0.0
+        for t in sorted(live(), key=lambda t: dev[t]):
+            if cum < p.typical_p:
+                kept.append(t)
+                cum += probs[t]
+        thr = max(dev[t] for t in kept)
+        probs = renorm(probs, {t for t in live() if dev[t] <= thr})
+    return probs
+
+
+def ref_probs(logits, p, prompt=(), output=(), eos=(), breakers=frozenset(), banned_now=(), mu=None, xtc_fire=True):
+    """The distribution the sampler draws from for one row (one-hot for greedy rows)."""
+    l = np.asarray(logits, dtype=np.float64)
+    l = ref_penalties(l, p, prompt, output)
+    l = ref_masks(l, p, output, eos, banned_now)
+    l = ref_dry(l, p, list(prompt) + list(output), breakers)
+    if p.temperature == 0:
+        return np.eye(len(l))[int(np.argmax(l))]
+    if p.smoothing_factor > 0:
+        top = l[np.isfinite(l)].max()
+        l = np.array([top - p.smoothing_factor * (x - top) ** 2 if np.isfinite(x) else NEG for x in l])
+    dyn = p.dynatemp_max > p.dynatemp_min
+    late = dyn or p.temperature_last
+    if not late:
+        l = l / p.temperature
+    probs = ref_filters(softmax(l), p)
+    if late:
+        t = p.temperature
+        if dyn:
+            n = int((probs > 0).sum())
+            h = -sum(x * math.log(x) for x in probs if x > 0)
+            norm = min(max(h / math.log(n), 0.0), 1.0) if n > 1 else 0.0
+            t = max(p.dynatemp_min + (p.dynatemp_max - p.dynatemp_min) * norm ** p.dynatemp_exponent, 1e-4)
+        probs = softmax(np.where(probs > 0, np.log(np.maximum(probs, 1e-300)) / t, NEG))
+    if p.xtc_probability > 0 and xtc_fire:
+        above = [t for t in range(len(probs)) if probs[t] >= p.xtc_threshold]
+        if len(above) >= 2:
+            least = min(probs[t] for t in above)
+            probs = renorm(probs, {t for t in range(len(probs)) if probs[t] > 0 and not (t in above and probs[t] > least)})
+    if p.mirostat_mode == 2:
+        probs = renorm(probs, {t for t in range(len(probs)) if probs[t] > 0 and (probs[t] >= 2.0 ** -mu or probs[t] == probs.max())})
+    if p.skew != 0:  # inverse-cdf draw with u -> u ** exp(-skew); tied tokens share their interval equally
+        out, cum = np.zeros(len(probs)), 0.0
+        for value in sorted(set(probs[probs > 0]), reverse=True):
+            tied = [t for t in range(len(probs)) if probs[t] == value]
+            lo, cum = cum, cum + value * len(tied)
+            for t in tied:
+                out[t] = (min(cum, 1.0) ** math.exp(p.skew) - lo ** math.exp(p.skew)) / len(tied)
+        probs = out
+    return probs
+
+
+# ---------------------------------------------------------------- helpers
+
+def tie_logits(rng, b, v, n_inf=3):
+    """Random logits rounded to 0.25 (many ties) with a few -inf entries per row."""
+    x = np.round(rng.normal(0, 2.0, (b, v)) * 4) / 4
+    for row in x:
+        row[rng.choice(v, n_inf, replace=False)] = NEG
+    return x
+
+
+def states(params, prompt=(), outputs=None, eos=(), breakers=frozenset(), device="cpu"):
+    outs = outputs or [[] for _ in params]
+    ss = [SeqSamplingState.new(p, list(prompt), device, eos, breakers) for p in params]
+    for s, o in zip(ss, outs):
+        s.output_ids.extend(o)
+    return ss
+
+
+def assert_rows(probs, refs, atol=2e-5):
+    for i, ref in enumerate(refs):
+        np.testing.assert_allclose(probs[i].double().numpy(), ref, atol=atol, err_msg=f"row {i}")
+
+
+# ---------------------------------------------------------------- pipeline vs reference
+
+MIXED_BATCH = [
+    P(top_k=5), P(top_p=0.7), P(), P(min_p=0.1, temperature=0.5), P(temperature=0),
+    P(typical_p=0.6), P(tfs=0.8), P(top_a=0.3), P(smoothing_factor=0.4), P(top_k=12, temperature=1.7),
+    P(top_k=30, top_p=0.9, min_p=0.02, temperature=0.8), P(temperature=0.6, temperature_last=True, top_p=0.8),
+    P(dynatemp_min=0.3, dynatemp_max=2.0, dynatemp_exponent=1.5, top_k=20), P(dynatemp_min=0.0, dynatemp_max=1.0),
+    P(skew=0.7, top_k=10), P(skew=-1.0), P(xtc_probability=1.0, xtc_threshold=0.05, temperature=1.2),
+    P(smoothing_factor=0.2, typical_p=0.9, tfs=0.95, top_a=0.1, min_p=0.05),
+]
+
+
+def test_mixed_batch_matches_reference():
+    rng = np.random.default_rng(0)
+    logits = tie_logits(rng, len(MIXED_BATCH), 200)
+    probs = Sampler(200).probs(torch.tensor(logits, dtype=torch.float32), states(MIXED_BATCH))
+    assert_rows(probs, [ref_probs(logits[i], p) for i, p in enumerate(MIXED_BATCH)])
+    # the filters really filtered: rows 0, 1, 3 keep far fewer than the 197 finite tokens
+    assert (probs[0] > 0).sum() == (ref_probs(logits[0], P(top_k=5)) > 0).sum() <= 8
+    assert (probs[1] > 0).sum() < 100 and (probs[3] > 0).sum() < 100
+
+
+def test_each_row_is_independent_of_its_batch():
+    rng = np.random.default_rng(1)
+    logits = torch.tensor(tie_logits(rng, len(MIXED_BATCH), 200), dtype=torch.float32)
+    together = Sampler(200).probs(logits, states(MIXED_BATCH))
+    for i, p in enumerate(MIXED_BATCH):
+        alone = Sampler(200).probs(logits[i:i + 1], states([p]))
+        torch.testing.assert_close(alone[0], together[i], rtol=0, atol=1e-6)
+
+
+def test_penalties_dry_and_masks_in_one_batch():
+    rng = np.random.default_rng(2)
+    v = 60
+    prompt = list(rng.integers(0, v, 40))
+    outputs = [list(rng.integers(0, v, 25)) for _ in range(6)]
+    params = [
+        P(repetition_penalty=1.3, repetition_range=6, repetition_decay=4, top_k=40),
+        P(frequency_penalty=0.4, presence_penalty=0.3),
+        P(repetition_penalty=0.8, frequency_penalty=-0.5, logit_bias={3: 2.0, 7: -1.5}),
+        P(dry_multiplier=0.7, dry_allowed_length=1, dry_range=30, disallowed_tokens=[1, 2]),
+        P(allowed_tokens=list(range(10, 30)), min_new_tokens=100, repetition_penalty=1.1),
+        P(temperature=0, repetition_penalty=1.5, ignore_eos=True, dry_multiplier=1.0),
+    ]
+    eos, breakers = [0, 5], frozenset({4, 9})
+    ss = states(params, prompt, outputs, eos, breakers)
+    ss[2].banned_now = {11, 12}
+    logits = tie_logits(rng, len(params), v, n_inf=1)
+    probs = Sampler(v).probs(torch.tensor(logits, dtype=torch.float32), ss)
+    assert_rows(probs, [ref_probs(logits[i], p, prompt, outputs[i], eos, breakers, ss[i].banned_now)
+                        for i, p in enumerate(params)])
+
+
+def recovered_logits(probs, anchor):
+    """Logits up to the constant that makes the anchor token's logit 0."""
+    lp = torch.log(probs.double())
+    return (lp - lp[:, anchor:anchor + 1]).numpy()
+
+
+def test_repetition_penalty_only_within_range_and_decay():
+    v = 40
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 2, (1, v))
+    logits[0, 39] = 0.0  # anchor token, never in the history
+    prompt, output = [1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 2]  # token 2: old in the prompt, newest in output
+    p = P(repetition_penalty=1.5, repetition_range=4, repetition_decay=3)
+    probs = Sampler(v).probs(torch.tensor(logits, dtype=torch.float32), states([p], prompt, [output]))
+    changed = np.flatnonzero(~np.isclose(recovered_logits(probs, 39)[0], logits[0], atol=1e-5))
+    # distances back from the newest: 2:0, 13:1, 12:2, 11:3 (full); 10:4, 9:5, 8:6 (fading); 7 and older: untouched
+    assert sorted(changed) == [2, 8, 9, 10, 11, 12, 13]
+    np.testing.assert_allclose(recovered_logits(probs, 39)[0], ref_penalties(logits[0], p, prompt, output), atol=1e-5)
+    for tok, w in ((11, 1.0), (10, 0.75), (8, 0.25)):
+        pen = 1 + 0.5 * w
+        want = logits[0, tok] / pen if logits[0, tok] > 0 else logits[0, tok] * pen
+        assert recovered_logits(probs, 39)[0, tok] == pytest.approx(want, abs=1e-5)
+
+
+def test_frequency_presence_count_output_only_and_logit_bias():
+    v = 20
+    logits = np.zeros((1, v))
+    p = P(frequency_penalty=0.5, presence_penalty=0.25, logit_bias={15: 1.5, 16: -2.0})
+    probs = Sampler(v).probs(torch.tensor(logits, dtype=torch.float32), states([p], [1, 1, 2], [[2, 3, 3, 3]]))
+    got = recovered_logits(probs, 19)[0]
+    want = np.zeros(v)
+    want[2], want[3], want[15], want[16] = -0.75, -1.75, 1.5, -2.0  # token 1 is only in the prompt
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_dry_penalises_the_planted_repeat():
+    v = 100
+    seq = [50, 51, 52, 53, 54, 55]
+    hist = list(range(10, 30)) + seq + [77] + list(range(30, 45)) + seq  # ... seq 77 ... seq -> 77 continues it
+    logits = np.zeros((1, v))
+    p = P(dry_multiplier=0.8, dry_base=1.75, dry_allowed_length=2)
+    probs = Sampler(v).probs(torch.tensor(logits, dtype=torch.float32), states([p], hist[:30], [hist[30:]]))
+    got = recovered_logits(probs, 99)[0]
+    assert got[77] == pytest.approx(-0.8 * 1.75 ** (6 - 2), abs=1e-4)
+    np.testing.assert_allclose(got, ref_dry(logits[0], p, hist, frozenset()), atol=1e-4)
+    assert np.flatnonzero(np.abs(got) > 1e-5).tolist() == [77]  # only 55's earlier successor extends a repeat
+    # a breaker inside the repeat cuts the match there
+    probs = Sampler(v).probs(torch.tensor(logits, dtype=torch.float32),
+                             states([p], hist[:30], [hist[30:]], breakers=frozenset({52})))
+    got = recovered_logits(probs, 99)[0]
+    assert got[77] == pytest.approx(-0.8 * 1.75 ** (3 - 2), abs=1e-4)  # only 53 54 55 matches now
+    np.testing.assert_allclose(got, ref_dry(logits[0], p, hist, frozenset({52})), atol=1e-4)
+    # a breaker is never penalised as the continuation
+    probs = Sampler(v).probs(torch.tensor(logits, dtype=torch.float32),
+                             states([p], hist[:30], [hist[30:]], breakers=frozenset({77})))
+    assert np.abs(recovered_logits(probs, 99)[0]).max() < 1e-5
+
+
+def test_dry_random_histories_vs_reference():
+    rng = np.random.default_rng(4)
+    v = 12  # small vocab: many accidental repeats
+    params = [P(dry_multiplier=0.5, dry_allowed_length=a, dry_range=r, dry_base=b)
+              for a, r, b in ((1, 0, 1.5), (2, 20, 1.75), (3, 0, 2.0), (2, 7, 1.2), (1, 0, 1.3), (1, 0, 1.1))]
+    prompt = list(rng.integers(0, v, 30))
+    outputs = [list(rng.integers(0, v, n)) for n in (5, 40, 70, 3, 50, 90)]
+    breakers = frozenset({0, 1})
+    logits = rng.normal(0, 1, (len(params), v))
+    probs = Sampler(v).probs(torch.tensor(logits, dtype=torch.float32), states(params, prompt, outputs, (), breakers))
+    assert_rows(probs, [ref_probs(logits[i], p, prompt, outputs[i], (), breakers) for i, p in enumerate(params)], 1e-4)
+
+
+def test_dry_breaker_ids_from_pieces():
+    assert dry_breaker_ids(["\n", ":"], ["a", "b\n", "::", "c", "x:y"]) == {1, 2, 4}
+
+
+# ---------------------------------------------------------------- draws
+
+def wilson_hilferty_999(df):
+    """Chi-square critical value at alpha = 0.001 (z = 3.0902), Wilson-Hilferty; within 1% of tables for df >= 3
+    (df 5: 20.52, df 7: 24.32, df 10: 29.59)."""
+    return df * (1 - 2 / (9 * df) + 3.0902 * math.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_draws_follow_the_filtered_distribution(seeded):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(5)
+    v, n = 48, 20000
+    logits = rng.normal(0, 1.5, v)
+    p = P(temperature=0.7, top_k=9, top_p=0.95, seed=None)
+    ref = ref_probs(logits, p)
+    kept = np.flatnonzero(ref > 0)
+    params = [P(temperature=0.7, top_k=9, top_p=0.95, seed=i if seeded else None) for i in range(n)]
+    out = Sampler(v)(torch.tensor(np.tile(logits, (n, 1)), dtype=torch.float32), states(params))
+    counts = np.bincount(out.tokens.numpy(), minlength=v)
+    assert counts[ref == 0].sum() == 0, "drew a filtered-out token"
+    expected = ref[kept] * n
+    assert expected.min() >= 5
+    chi2 = ((counts[kept] - expected) ** 2 / expected).sum()
+    df = len(kept) - 1
+    assert 3 <= df and chi2 < wilson_hilferty_999(df), f"chi2 {chi2:.1f} with df {df}"
+
+
+def test_disallowed_banned_now_and_allowed_never_drawn():
+    torch.manual_seed(1)
+    v, n = 30, 3000
+    logits = torch.zeros(n, v)
+    logits[:, :5] = 8.0  # the favourites are all forbidden
+    params = [P(disallowed_tokens=[0, 1, 2]) if i % 3 == 0 else P(allowed_tokens=[3, 20, 21]) if i % 3 == 1
+              else P() for i in range(n)]
+    ss = states(params)
+    for i in range(2, n, 3):
+        ss[i].banned_now = {0, 1, 2, 3, 4}
+    tok = Sampler(v)(logits, ss).tokens.numpy()
+    assert not np.isin(tok[0::3], [0, 1, 2]).any() and np.isin(tok[0::3], [3, 4]).mean() > 0.97
+    assert np.isin(tok[1::3], [3, 20, 21]).all() and (tok[1::3] == 3).mean() > 0.9
+    assert not np.isin(tok[2::3], [0, 1, 2, 3, 4]).any()
+    assert all(not s.banned_now for s in ss), "banned_now holds for one draw only"
+
+
+def test_min_new_tokens_holds_eos_off():
+    v, eos = 10, 7
+    logits = torch.zeros(2, v)
+    logits[:, eos] = 20.0
+    sampler = Sampler(v)
+    ss = states([P(min_new_tokens=3, seed=0), P(ignore_eos=True, temperature=0)], eos=[eos])
+    drawn = []
+    for _ in range(5):
+        tok = sampler(logits, ss).tokens.tolist()
+        for s, t in zip(ss, tok):
+            s.output_ids.append(t)
+        drawn.append(tok)
+    assert [t[0] == eos for t in drawn] == [False, False, False, True, True]
+    assert all(t[1] != eos for t in drawn)
+
+
+def test_greedy_takes_argmax_and_logprobs():
+    rng = np.random.default_rng(6)
+    logits = torch.tensor(rng.normal(0, 1, (3, 50)), dtype=torch.float32)
+    ss = states([P(temperature=0, logprobs=True, top_logprobs=4), P(top_k=1, seed=3), P(temperature=0)])
+    out = Sampler(50)(logits, ss)
+    assert out.tokens.tolist() == logits.argmax(-1).tolist()
+    lsm = torch.log_softmax(logits, -1)
+    torch.testing.assert_close(out.logprobs[0], lsm[0, out.tokens[0]])
+    torch.testing.assert_close(out.top_logprobs[0], lsm[0].topk(4).values)
+    assert out.top_ids[0].tolist() == lsm[0].topk(4).indices.tolist()
+    assert out.logprobs[1].item() == 0.0  # top_k=1: the final distribution is one token
+
+
+def test_sampled_logprobs_are_of_the_final_distribution():
+    rng = np.random.default_rng(7)
+    v = 40
+    logits = rng.normal(0, 2, (2, v))
+    params = [P(top_k=6, temperature=0.5, logprobs=True, top_logprobs=6, seed=1), P(min_p=0.2, logprobs=True, seed=2)]
+    out = Sampler(v)(torch.tensor(logits, dtype=torch.float32), states(params))
+    for i, p in enumerate(params):
+        ref = ref_probs(logits[i], p)
+        assert out.logprobs[i].item() == pytest.approx(math.log(ref[out.tokens[i]]), abs=1e-4)
+    ref0 = ref_probs(logits[0], params[0])
+    np.testing.assert_allclose(np.exp(out.top_logprobs[0].double().numpy()), np.sort(ref0)[::-1][:6], atol=1e-5)
+
+
+def run_steps(sampler, logits_per_step, ss, rows=None, device="cpu"):
+    got = []
+    for step_logits in logits_per_step:
+        step_logits = step_logits.to(device)
+        tok = sampler(step_logits if rows is None else step_logits[rows], ss).tokens.tolist()
+        for s, t in zip(ss, tok):
+            s.output_ids.append(t)
+        got.append(tok)
+    return got
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_seeded_rows_reproduce_alone_and_in_any_batch(device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    rng = np.random.default_rng(8)
+    v, steps = 300, 25
+    target = P(seed=1234, top_p=0.9, temperature=1.3, repetition_penalty=1.2, dry_multiplier=0.5,
+               xtc_probability=0.5, xtc_threshold=0.05, mirostat_mode=2, mirostat_tau=4.0)
+    others = [P(temperature=0), P(seed=7, top_k=4), P(), P(min_p=0.05, seed=9, skew=0.5), P(typical_p=0.5),
+              P(xtc_probability=0.7, seed=11), P(tfs=0.9, frequency_penalty=0.3)]
+    batch = others[:3] + [target] + others[3:]
+    logits = [torch.tensor(rng.normal(0, 2, (8, v)), dtype=torch.float32) for _ in range(steps)]
+    prompt = list(rng.integers(0, v, 20))
+    alone = run_steps(Sampler(v), logits, states([target], prompt, device=device), [3], device)
+    again = run_steps(Sampler(v), logits, states([target], prompt, device=device), [3], device)
+    batched = run_steps(Sampler(v), logits, states(batch, prompt, device=device), None, device)
+    assert alone == again
+    assert [t[0] for t in alone] == [t[3] for t in batched]
+    assert len({t[0] for t in alone}) > 5  # really sampled
+
+
+def test_xtc_with_a_fixed_random_stream():
+    rng = np.random.default_rng(9)
+    v, steps, seed = 30, 40, 77
+    p = P(xtc_probability=0.5, xtc_threshold=0.06, seed=seed)
+    logits = [rng.normal(0, 1.0, v) for _ in range(steps)]
+    sampler, ss = Sampler(v), states([p])
+    g = torch.Generator().manual_seed(seed)  # replays the row's stream: one coin, then V exponentials per step
+    fired = []
+    for l in logits:
+        tok = sampler(torch.tensor(l[None], dtype=torch.float32), ss).tokens.item()
+        coin = torch.rand(1, generator=g).item()
+        q = torch.empty(v).exponential_(generator=g).double().numpy()
+        fire = coin < 0.5
+        ref = ref_probs(l, p, xtc_fire=fire)
+        assert tok == int(np.argmax(ref / q))
+        fired.append(fire and (ref != softmax(l)).any())
+        ss[0].output_ids.append(tok)
+    assert 5 < sum(fired) < 35
+
+
+def test_mirostat_v2_truncation_and_mu_update():
+    rng = np.random.default_rng(10)
+    v = 50
+    p = P(mirostat_mode=2, mirostat_tau=3.0, mirostat_eta=0.2, seed=5)
+    sampler, ss = Sampler(v), states([p])
+    mu = 2 * p.mirostat_tau
+    for _ in range(30):
+        l = rng.normal(0, 2.5, v)
+        x = torch.tensor(l[None], dtype=torch.float32)
+        ref = ref_probs(l, p, mu=mu)
+        np.testing.assert_allclose(sampler.probs(x, ss)[0].double().numpy(), ref, atol=2e-5)
+        tok = sampler(x, ss).tokens.item()
+        assert ref[tok] > 0
+        mu -= p.mirostat_eta * (-math.log2(ref[tok]) - p.mirostat_tau)
+        assert ss[0].mirostat_mu.item() == pytest.approx(mu, abs=1e-4)
+        ss[0].output_ids.append(tok)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_the_reference():
+    rng = np.random.default_rng(11)
+    logits = tie_logits(rng, len(MIXED_BATCH), 200)
+    probs = Sampler(200).probs(torch.tensor(logits, dtype=torch.float32).cuda(), states(MIXED_BATCH, device="cuda"))
+    assert_rows(probs.cpu(), [ref_probs(logits[i], p) for i, p in enumerate(MIXED_BATCH)])
+    v = 60
+    prompt = list(rng.integers(0, v, 40))
+    outputs = [list(rng.integers(0, v, 25)) for _ in range(4)]
+    params = [P(repetition_penalty=1.3, repetition_range=6, repetition_decay=4, top_k=40, logprobs=True),
+              P(frequency_penalty=0.4, presence_penalty=0.3, logit_bias={3: 2.0}, mirostat_mode=2, seed=3),
+              P(dry_multiplier=0.7, dry_allowed_length=1, disallowed_tokens=[1, 2], min_new_tokens=99),
+              P(temperature=0, repetition_penalty=1.5, dry_multiplier=1.0, logprobs=True, top_logprobs=3)]
+    ss = states(params, prompt, outputs, [0, 5], frozenset({4, 9}), "cuda")
+    logits = tie_logits(rng, len(params), v, n_inf=1)
+    probs = Sampler(v).probs(torch.tensor(logits, dtype=torch.float32).cuda(), ss)
+    refs = [ref_probs(logits[i], p, prompt, outputs[i], [0, 5], frozenset({4, 9}), mu=2 * p.mirostat_tau)
+            for i, p in enumerate(params)]
+    assert_rows(probs.cpu(), refs)
+    out = Sampler(v)(torch.tensor(logits, dtype=torch.float32).cuda(), ss)
+    assert out.tokens.device.type == "cuda" and all(refs[i][t] > 0 for i, t in enumerate(out.tokens.tolist()))
+    torch.manual_seed(0)
+    n, p = 20000, P(temperature=0.7, top_k=9, top_p=0.95)
+    logits = rng.normal(0, 1.5, 48)
+    ref = ref_probs(logits, p)
+    ss = states([P(temperature=0.7, top_k=9, top_p=0.95, seed=i % 2 * i or None) for i in range(n)], device="cuda")
+    tok = Sampler(48)(torch.tensor(np.tile(logits, (n, 1)), dtype=torch.float32).cuda(), ss).tokens.cpu().numpy()
+    counts = np.bincount(tok, minlength=48)
+    kept = np.flatnonzero(ref > 0)
+    assert counts[ref == 0].sum() == 0
+    chi2 = ((counts[kept] - ref[kept] * n) ** 2 / (ref[kept] * n)).sum()
+    assert chi2 < wilson_hilferty_999(len(kept) - 1)
+
+
+def test_history_follows_appends_and_rewinds():
+    v = 30
+    s = states([P(repetition_penalty=2.0, temperature=0)], [1, 2])[0]
+    sampler = Sampler(v)
+    logits = torch.full((1, v), -1.0)
+    logits[0, 5], logits[0, 6], logits[0, 7] = 1.0, 0.9, 0.8
+    s.output_ids += [5]
+    assert sampler(logits, [s]).tokens.item() == 6  # 5 penalised to 0.5
+    s.output_ids += [6]
+    assert sampler(logits, [s]).tokens.item() == 7
+    del s.output_ids[:]  # rewind
+    assert sampler(logits, [s]).tokens.item() == 5
+    s.output_ids += [6]
+    assert sampler(logits, [s]).tokens.item() == 5
+
+
+def test_padded_vocab_columns_never_drawn():
+    logits = torch.zeros(1, 12)
+    logits[0, 10:] = 50.0
+    assert Sampler(10)(logits, states([P(temperature=0)])).tokens.item() < 10
+
+
+def test_plan_is_reused_for_the_same_seqs():
+    sampler = Sampler(20)
+    ss = states([P(top_k=3), P()])
+    sampler(torch.zeros(2, 20), ss)
+    plan = sampler._plan
+    sampler(torch.zeros(2, 20), list(ss))
+    assert sampler._plan is plan
+    sampler(torch.zeros(2, 20), ss[::-1])
+    assert sampler._plan is not plan
+
+
+def test_logit_bias_out_of_vocab_is_rejected():
+    with pytest.raises(InvalidRequestError, match="logit_bias"):
+        Sampler(10)(torch.zeros(1, 10), states([P(logit_bias={12: 1.0})]))
+
+
+# ---------------------------------------------------------------- SamplingParams
+
+@pytest.mark.parametrize("field,value,fragment", [
+    ("temperature", -0.1, "temperature must be in [0, inf)"),
+    ("top_p", 1.5, "top_p must be in (0, 1], got 1.5"),
+    ("top_p", 0.0, "top_p must be in (0, 1]"),
+    ("top_k", -1, "top_k must be in [0, inf)"),
+    ("top_k", 2.5, "top_k must be an integer"),
+    ("min_p", 1.2, "min_p must be in [0, 1]"),
+    ("typical_p", 0.0, "typical_p must be in (0, 1]"),
+    ("tfs", 2.0, "tfs must be in (0, 1]"),
+    ("top_a", -1.0, "top_a must be in [0, 1]"),
+    ("repetition_penalty", 0.0, "repetition_penalty must be in (0, inf)"),
+    ("repetition_range", -5, "repetition_range must be in [0, inf)"),
+    ("repetition_decay", -1, "repetition_decay"),
+    ("frequency_penalty", 3.0, "frequency_penalty must be in [-2, 2]"),
+    ("presence_penalty", -2.5, "presence_penalty must be in [-2, 2]"),
+    ("dry_multiplier", -1.0, "dry_multiplier"),
+    ("dry_base", 0.5, "dry_base must be in [1, inf)"),
+    ("dry_allowed_length", 0, "dry_allowed_length must be in [1, inf)"),
+    ("dry_range", -1, "dry_range"),
+    ("dry_sequence_breakers", [""], "dry_sequence_breakers must hold non-empty strings"),
+    ("xtc_probability", 1.5, "xtc_probability must be in [0, 1]"),
+    ("xtc_threshold", -0.1, "xtc_threshold"),
+    ("mirostat_mode", 1, "mirostat_mode must be 0 (off) or 2"),
+    ("mirostat_tau", -1.0, "mirostat_tau"),
+    ("mirostat_eta", 0.0, "mirostat_eta must be in (0, 1]"),
+    ("smoothing_factor", -0.5, "smoothing_factor"),
+    ("dynatemp_exponent", 0.0, "dynatemp_exponent must be in (0, inf)"),
+    ("skew", float("nan"), "skew must be in [-10, 10]"),
+    ("skew", 11.0, "skew must be in [-10, 10], got 11"),
+    ("temperature", float("inf"), "temperature must be in [0, inf)"),
+    ("temperature", "hot", "temperature must be a number"),
+    ("logit_bias", {-1: 1.0}, "logit_bias keys must be token ids"),
+    ("logit_bias", {3: float("inf")}, "logit_bias[3] must be a finite number"),
+    ("disallowed_tokens", [1, -2], "disallowed_tokens must hold token ids"),
+    ("allowed_tokens", [], "allowed_tokens must be None or a non-empty list"),
+    ("stop_token_ids", "abc", "stop_token_ids must be a list of token ids"),
+    ("stop", ["ok", ""], "stop must hold non-empty strings"),
+    ("banned_strings", [3], "banned_strings must hold non-empty strings"),
+    ("max_new_tokens", 0, "max_new_tokens must be in [1, inf)"),
+    ("top_logprobs", 21, "top_logprobs must be in [0, 20]"),
+    ("seed", -3, "seed must be None or an integer"),
+    ("ignore_eos", "yes", "ignore_eos must be true or false"),
+])
+def test_bad_field_raises_naming_it(field, value, fragment):
+    kwargs = {field: value}
+    if field == "top_logprobs":
+        kwargs["logprobs"] = True
+    with pytest.raises(InvalidRequestError) as e:
+        P(**kwargs)
+    assert fragment in str(e.value)
+    assert isinstance(e.value, ValueError)
+
+
+def test_cross_field_checks():
+    with pytest.raises(InvalidRequestError, match="dynatemp_max must be >= dynatemp_min"):
+        P(dynatemp_min=1.5, dynatemp_max=1.0)
+    with pytest.raises(InvalidRequestError, match="min_new_tokens must be <= max_new_tokens"):
+        P(min_new_tokens=10, max_new_tokens=5)
+    with pytest.raises(InvalidRequestError, match="top_logprobs needs logprobs"):
+        P(top_logprobs=3)
+
+
+def test_from_dict_aliases_unknown_keys_and_round_trip():
+    p = P.from_dict({"max_tokens": 12, "token_repetition_penalty": 1.1, "top_p": 0.5, "stop": "END",
+                     "logit_bias": {"17": -1}})
+    assert (p.max_new_tokens, p.repetition_penalty, p.top_p, p.stop, p.logit_bias) == (12, 1.1, 0.5, ["END"], {17: -1.0})
+    with pytest.raises(InvalidRequestError, match="unknown sampling parameter.*bogus.*zzz"):
+        P.from_dict({"zzz": 1, "bogus": 2, "top_k": 3})
+    with pytest.raises(InvalidRequestError, match="max_new_tokens given twice"):
+        P.from_dict({"max_tokens": 3, "max_new_tokens": 4})
+    assert P.from_dict(p.to_dict()) == p
+    assert P.from_dict({"mirostat": True}).mirostat_mode == 2
+
+
+def test_presets_and_is_greedy():
+    assert P.preset("greedy").is_greedy and not P().is_greedy
+    ex = P.preset("exllama-default")
+    assert (ex.temperature, ex.top_k, ex.top_p, ex.repetition_penalty) == (0.8, 50, 0.8, 1.025)
+    assert P.preset("precise", top_k=5).top_k == 5
+    assert set(PRESETS) == {"greedy", "exllama-default", "creative", "precise"}
+    with pytest.raises(InvalidRequestError, match="preset must be one of"):
+        P.preset("wild")
