@@ -10,7 +10,7 @@ from .generator import generate_steps
 from .kv_cache import KVCache
 from .loader import LoadedModel, load_model
 from .runner import ModelRunner
-from .sampler import Sampler, SeqSamplingState
+from .sampler import Sampler, SeqSamplingState, dry_breaker_ids
 from .sampling import SamplingParams
 from .sequence import Completion, Sequence
 
@@ -20,17 +20,23 @@ Prompt = str | list[dict[str, Any]]  # plain text, or chat messages [{"role": ..
 class TextStream:
     """Iterates over the text pieces of one generation; `.completion` holds the result once it is exhausted."""
 
-    def __init__(self, steps: Iterator[tuple[int, str]], seq: Sequence):
-        self._steps, self._seq = steps, seq
+    def __init__(self, steps: Iterator[tuple[int, str]], seq: Sequence, cache: KVCache):
+        self._steps, self._seq, self._cache = steps, seq, cache
         self.completion: Completion | None = None
 
     def __iter__(self) -> Iterator[str]:
+        good = None  # cached tokens whose k/v a finished step wrote
         try:
             for _, text in self._steps:
+                good = self._cache.length(self._seq.row)
                 if text:
                     yield text
         finally:
             self._steps.close()
+            # an exception (Ctrl-C) inside a forward leaves its tokens recorded with partial k/v: drop them
+            row = self._seq.row
+            keep = self._seq.cached_tokens if good is None else good
+            self._cache.truncate(row, min(keep, self._cache.length(row)))
             self.completion = self._seq.completion()
 
 
@@ -44,6 +50,8 @@ class LLM:
         self._template_name = template
         self._template = None
         self._cache: KVCache | None = None
+        self._pieces: list[str] | None = None  # each token's text, for DRY's sequence breakers
+        self._breakers: dict[tuple[str, ...], frozenset[int]] = {}
 
     @property
     def context_length(self) -> int:
@@ -86,16 +94,26 @@ class LLM:
             return sampling or SamplingParams()
         return SamplingParams.from_dict({**(sampling or SamplingParams()).to_dict(), **overrides})
 
-    def _sequences(self, prompts: Seq[Prompt], params: SamplingParams, chat: bool) -> list[Sequence]:
+    def _dry_breakers(self, params: SamplingParams) -> frozenset[int]:
+        if params.dry_multiplier == 0:
+            return frozenset()
+        key = tuple(params.dry_sequence_breakers)
+        if key not in self._breakers:
+            if self._pieces is None:
+                self._pieces = [self.tokenizer.decode([i]) for i in range(self.config.vocab_size)]
+            self._breakers[key] = dry_breaker_ids(key, self._pieces)
+        return self._breakers[key]
+
+    def _sequences(self, prompts: Seq[Prompt], params: list[SamplingParams], chat: bool) -> list[Sequence]:
         seqs = []
-        for row, prompt in enumerate(prompts):
+        for row, (prompt, params) in enumerate(zip(prompts, params, strict=True)):
             ids = self.encode(prompt, chat=chat)
             room = self.context_length - len(ids)
             if room <= 0:
                 raise InvalidRequestError(
                     f"prompt {row} has {len(ids)} tokens; the model's context is {self.context_length} tokens"
                 )
-            state = SeqSamplingState.new(params, ids, self.runner.device, self.tokenizer.eos_ids)
+            state = SeqSamplingState.new(params, ids, self.runner.device, self.tokenizer.eos_ids, self._dry_breakers(params))
             seqs.append(Sequence(ids, params, state, self.tokenizer, row=row, max_new_tokens=min(params.max_new_tokens, room)))
         # one cache, kept between calls: a prompt that starts like the previous one in its row reuses that prefix
         need = max(len(s.prompt_ids) + s.max_new_tokens for s in seqs)
@@ -106,18 +124,27 @@ class LLM:
 
     def stream(self, prompt: Prompt, sampling: SamplingParams | None = None, *, chat: bool = False, **overrides) -> TextStream:
         """Generate for one prompt, yielding text as it becomes final. Keyword overrides are SamplingParams fields."""
-        seqs = self._sequences([prompt], self._params(sampling, overrides), chat)
-        return TextStream(generate_steps(self.runner, self.sampler, self._cache, seqs), seqs[0])
+        seqs = self._sequences([prompt], [self._params(sampling, overrides)], chat)
+        return TextStream(generate_steps(self.runner, self.sampler, self._cache, seqs), seqs[0], self._cache)
 
     def generate(
-        self, prompts: Prompt | Seq[Prompt], sampling: SamplingParams | None = None, *, chat: bool = False, **overrides
+        self,
+        prompts: Prompt | Seq[Prompt],
+        sampling: SamplingParams | Seq[SamplingParams] | None = None,
+        *,
+        chat: bool = False,
+        **overrides,
     ) -> Completion | list[Completion]:
-        """Generate for one prompt (-> Completion) or a list of prompts run as one batch (-> list of Completion)."""
+        """Generate for one prompt (-> Completion) or a list of prompts run as one batch (-> list of Completion).
+        `sampling` is one SamplingParams for all prompts or one per prompt; keyword overrides apply to all."""
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
         batch = [prompts] if single else list(prompts)
         if not batch:
             raise InvalidRequestError("no prompts given; pass a string or a non-empty list of strings")
-        seqs = self._sequences(batch, self._params(sampling, overrides), chat)
+        per_prompt = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(batch)
+        if len(per_prompt) != len(batch):
+            raise InvalidRequestError(f"got {len(per_prompt)} SamplingParams for {len(batch)} prompts; give one or one per prompt")
+        seqs = self._sequences(batch, [self._params(p, overrides) for p in per_prompt], chat)
         for _ in generate_steps(self.runner, self.sampler, self._cache, seqs):
             pass
         out = [s.completion() for s in seqs]

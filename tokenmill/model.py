@@ -135,13 +135,21 @@ class Transformer(nn.Module):
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVView, last_only: bool = False
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv: KVView,
+        last_only: bool = False,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions (B, T) -> logits (B, T, V) in fp32, or (B, 1, V) for the last position when last_only."""
+        """input_ids, positions (B, T) -> logits (B, T, V) fp32; (B, 1, V) for the last position when last_only;
+        (N, V) at the flattened (B * T) token indices `logits_at` (a packed batch samples a few rows only)."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, kv)
-        if last_only:
+        if logits_at is not None:
+            x = x.flatten(0, 1)[logits_at]
+        elif last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x)).float()
