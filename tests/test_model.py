@@ -75,3 +75,28 @@ def test_sharded_checkpoint_and_eos_list(tiny_checkpoints):
     assert (folder / "model.safetensors.index.json").is_file()
     llm = tokenmill.load(str(folder))
     assert {0, 2} <= set(llm.tokenizer.eos_ids)  # every id of generation_config's eos list stops generation
+
+
+def test_kv_cache_reset_truncate_and_prefix_reuse(tiny_checkpoints):
+    folder, ref = tiny_checkpoints["mistral"]  # sliding window: truncation must also keep the window right
+    runner = tokenmill.load(str(folder)).runner
+    ids = torch.randint(3, ref.config.vocab_size, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    other = torch.randint(3, ref.config.vocab_size, (10,), generator=torch.Generator().manual_seed(4)).tolist()
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0]
+    cache = runner.new_cache(2, 64)
+    runner.score(cache, 0, ids[:30] + other)  # cache a wrong continuation...
+    cache.truncate(0, 30)  # ...cut it off, and continue with the right tokens
+    got = runner.score(cache, 0, ids[30:])
+    assert torch.allclose(got, expected[30:], atol=1e-4)
+    assert cache.reuse_prefix(0, ids[:25] + other) == 25 and cache.length(0) == 25
+    assert cache.reuse_prefix(0, ids[:25]) == 24  # a fully cached prompt still recomputes its last token
+    cache.reset(0)
+    assert cache.length(0) == 0
+    assert torch.allclose(runner.score(cache, 0, ids), expected, atol=1e-4)
+    # a second row with a different length decodes alongside without disturbing the first
+    runner.score(cache, 1, other)
+    both = runner.decode(cache, [0, 1], [ids[0], other[0]])
+    with torch.no_grad():
+        ref_both = [ref(torch.tensor([ids + ids[:1]])).logits[0, -1], ref(torch.tensor([other + other[:1]])).logits[0, -1]]
+    assert torch.allclose(both, torch.stack(ref_both), atol=1e-4)
