@@ -26,12 +26,16 @@ def copy_bandwidth_gbs(mb: int = 256, repeat: int = 5) -> float:
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
-    """Bytes of parameters one decode step reads: every weight once (tied embeddings once, as the lm_head read)."""
+    """Bytes of weights one decode step reads: every tensor once (tied embeddings once, as the lm_head read); for an
+    Int4Linear its packed weight and scales, not the dense copy kept for prefill."""
+    from .quant_linear import Int4Linear
+
     seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
+    skip = {m.dense.data_ptr() for m in model.modules() if isinstance(m, Int4Linear) and m.dense is not None}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen and t.data_ptr() not in skip and t.numel() > 64:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
     return total
 
 
@@ -115,30 +119,39 @@ def run_cpu_bench(args):
     from rich.table import Table
 
     from .llm import load
+    from .quant_linear import has_int4_cpu_kernel, pack_int4_linears
 
-    con = Console()
+    con = Console(soft_wrap=True)
     llm = load(args.model, threads=args.threads)
-    threads = torch.get_num_threads()
     bw = copy_bandwidth_gbs()
-    wbytes = weight_bytes_per_token(llm.runner.model)
-    bound = bw * 1e9 / wbytes
-    con.print(f"[bold]{cpu_name()}[/bold], {threads} threads, torch {torch.__version__}, {os.cpu_count()} cores visible")
-    con.print(f"model {llm.loaded.path.name}: {wbytes / 2**20:.0f} MiB of {llm.runner.dtype} weights read per token; "
-              f"copy bandwidth {bw:.1f} GB/s -> decode bound {bound:.0f} tok/s")
-    ours = bench_tokenmill(llm, args.decode_tokens, args.prefill, args.repeat)
+    con.print(f"[bold]{cpu_name()}[/bold], {torch.get_num_threads()} threads, torch {torch.__version__}, "
+              f"{os.cpu_count()} cores visible, copy bandwidth {bw:.1f} GB/s")
+    variants = {}
+    for name in ("fp32 (exact)", "int4 decode kernel"):
+        if name.startswith("int4"):
+            if not has_int4_cpu_kernel() or not pack_int4_linears(llm.runner.model, llm.loaded.packed):
+                continue
+        wbytes = weight_bytes_per_token(llm.runner.model)
+        bound = bw * 1e9 / wbytes
+        con.print(f"{name}: {wbytes / 2**20:.0f} MiB of weights read per token -> decode bound {bound:.0f} tok/s")
+        variants[name] = (bound, bench_tokenmill(llm, args.decode_tokens, args.prefill, args.repeat))
     peer = bench_hf(llm.loaded.path, args.decode_tokens, args.prefill, args.repeat) if args.peers else None
-    t = Table(title="tokenmill bench (median of runs, ± half the range)")
+    t = Table(title=f"tokenmill bench: {llm.loaded.path.name} (median of {args.repeat} runs, +- half the range)")
     t.add_column("figure")
-    t.add_column("tokenmill tok/s", justify="right")
-    t.add_column("% of bound", justify="right")
+    for name in variants:
+        t.add_column(f"{name} tok/s", justify="right")
+        t.add_column("% of bound", justify="right")
     if peer:
-        t.add_column("HF transformers fp32", justify="right")
-        t.add_column("ratio", justify="right")
-    for k, (med, spread) in ours.items():
-        row = [k, f"{med:.1f} ± {spread:.1f}", f"{100 * med / bound:.0f}%" if k.startswith("decode") else "-"]
+        t.add_column("HF transformers fp32 tok/s", justify="right")
+        t.add_column("best / HF", justify="right")
+    for k in next(iter(variants.values()))[1]:
+        row = [k]
+        for bound, res in variants.values():
+            med, spread = res[k]
+            row += [f"{med:.1f} +- {spread:.1f}", f"{100 * med / bound:.0f}%" if k.startswith("decode") else "-"]
         if peer:
-            pm = peer[k][0]
-            row += [f"{pm:.1f} ± {peer[k][1]:.1f}", f"{med / pm:.2f}x"]
+            best = max(res[k][0] for _, res in variants.values())
+            row += [f"{peer[k][0]:.1f} +- {peer[k][1]:.1f}", f"{best / peer[k][0]:.2f}x"]
         t.add_row(*row)
     con.print(t)
-    return ours, peer
+    return variants, peer

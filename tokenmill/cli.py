@@ -101,7 +101,7 @@ def stats_line(c) -> str:
 def _load(args):
     from .llm import load
 
-    return load(args.model, threads=args.threads, template=getattr(args, "template", None))
+    return load(args.model, threads=args.threads, template=getattr(args, "template", None), int4=args.int4)
 
 
 def cmd_generate(args) -> int:
@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp):
         sp.add_argument("-m", "--model", help="a .gguf file, a Hugging Face model folder, or an alias (default: smollm2)")
         sp.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
+        sp.add_argument("--int4", action="store_true", help="decode 4-bit GGUF weights with the packed int4 CPU "
+                        "kernel (faster, not bit-exact; default: exact fp32)")
 
     g = sub.add_parser("generate", help="generate text for one prompt, streaming it", description=(
         "Generate a continuation of PROMPT (or, with --chat, the model's reply to it) and print it as it streams, "
@@ -191,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=_positive_int, default=3, help="runs per figure; the median is reported")
     b.add_argument("--peers", action="store_true", help="also run HF transformers fp32 in the same run (if installed)")
     b.set_defaults(func=cmd_bench)
+
+    from .chat_cli import add_chat_commands
+
+    add_chat_commands(sub, common)
     return p
 
 

@@ -142,6 +142,29 @@ def _q6_k(b):
     return ((_f16(b[:, 208:210]) * sc).unsqueeze(-1) * q).reshape(n, _QK_K)
 
 
+INT4_GROUP_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q4_K})
+
+
+def int4_groups(qt: "QuantizedTensor") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Repack a Q4_0 / Q4_1 / Q4_K weight (N, K) as 4-bit groups of 32 without re-quantizing:
+    q (N, K) uint8 in [0, 15], scale and min (N, K / 32) float32, with w = q * scale + min exactly."""
+    if qt.qtype not in INT4_GROUP_TYPES:
+        raise UnsupportedError(f"{qt.qtype.name} does not map to 4-bit groups; supported: Q4_0, Q4_1, Q4_K")
+    n_out = qt.shape[0]
+    b = qt.data.reshape(-1, _BLOCKS[qt.qtype][1])
+    if qt.qtype == T.Q4_K:
+        n = b.shape[0]
+        sc, mn = _k_scales(b[:, 4:16])
+        q = _nibbles(b[:, 16:].reshape(n, 4, 32), dim=2).reshape(n, 8, 32)
+        scale, mins = _f16(b[:, 0:2]) * sc, -(_f16(b[:, 2:4]) * mn)  # (n, 8)
+    else:
+        off = 2 if qt.qtype == T.Q4_0 else 4
+        q = _nibbles(b[:, off:], dim=1).flatten(1)  # (n, 32)
+        scale = _f16(b[:, 0:2])
+        mins = -8 * scale if qt.qtype == T.Q4_0 else _f16(b[:, 2:4])
+    return q.reshape(n_out, -1), scale.reshape(n_out, -1), mins.reshape(n_out, -1)
+
+
 _DECODERS: dict[T, Callable[[torch.Tensor], torch.Tensor]] = {
     T.F32: _f32, T.F16: _f16, T.BF16: _bf16, T.Q8_0: _q8_0, T.Q4_0: _q4_0, T.Q4_1: _q4_1,
     T.Q5_0: _q5_0, T.Q5_1: _q5_1, T.Q4_K: _q4_k, T.Q5_K: _q5_k, T.Q6_K: _q6_k,
