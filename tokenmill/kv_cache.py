@@ -125,7 +125,18 @@ class ContiguousKVView:
             V[self._rows_t[:, None], :, self.positions] = v.transpose(1, 2)
             keys, values = K[self._rows_t, :, :end], V[self._rows_t, :, :end]
         mask = self._mask(window)
-        causal = mask is None and T > 1  # uniform rows starting at 0: plain causal
-        return F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=q.shape[1] != keys.shape[1]
-        )
+        return attention(q, keys, values, mask)
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA of q (B, H, T, D) over keys/values (B, KV, S, D); mask (B, 1, T, S) bool or None (plain causal)."""
+    B, H, T, D = q.shape
+    KV = keys.shape[1]
+    if T == 1 and H != KV:
+        # decode with grouped-query attention: each kv head's G = H / KV query heads become G query rows of one
+        # head, so the keys are read once per kv head instead of once per query head (mask (B,1,1,S) broadcasts)
+        out = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, D), keys, values, attn_mask=mask)
+        return out.reshape(B, H, 1, D)
+    return F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=H != KV
+    )
