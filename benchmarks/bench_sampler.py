@@ -1,9 +1,17 @@
-"""Sampler time per call at batch 1, 16 and 64, V = 49152 (SmolLM2's vocabulary).
+"""Sampler time per call at batch 1, 16 and 64, against the default model's decode step at the same batch.
 
-    python benchmarks/bench_sampler.py [--device cpu|cuda] [--threads 2] [--history 640]
+    python benchmarks/bench_sampler.py [--device cpu|cuda] [--threads 2] [--clock wall|cpu] [--history 640]
+                                       [--synthetic] [--seeded]
+
+The logits are the model's own, captured from its decode steps (--synthetic: randn * 3, much flatter than a
+model's, so top_p and min_p keep far more tokens); each row's history is `--history` random prompt tokens plus
+the tokens sampled so far. Timings are medians over --iters calls. On a machine shared with other work, wall time
+swings with the load (a parallel op can wait ~10 ms for its second thread); `--threads 1 --clock cpu` counts this
+thread's CPU time instead, the model's and the sampler's alike.
 """
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -11,35 +19,68 @@ import torch
 from tokenmill.sampler import Sampler, SeqSamplingState
 from tokenmill.sampling import SamplingParams
 
-V = 49152
+BATCHES = (1, 16, 64)
 CONFIGS = {
+    "exllama-default": SamplingParams.preset("exllama-default").to_dict(),
+    "creative": SamplingParams.preset("creative").to_dict(),
+    "T=1 (no filter)": dict(),
+    "top_p 0.9": dict(top_p=0.9),
+    "min_p 0.05": dict(min_p=0.05),
     "all steps": dict(
         temperature=0.8, top_k=200, top_p=0.9, min_p=0.02, typical_p=0.95, tfs=0.95, top_a=0.05,
         repetition_penalty=1.1, repetition_range=512, repetition_decay=64, frequency_penalty=0.2, presence_penalty=0.1,
         dry_multiplier=0.8, dry_range=1024, xtc_probability=0.5, xtc_threshold=0.1, mirostat_mode=2,
         smoothing_factor=0.2, dynatemp_min=0.5, dynatemp_max=1.5, skew=0.3, logit_bias={10: 1.0},
         disallowed_tokens=[0, 1], logprobs=True, top_logprobs=5),
-    "typical (T, top_k, top_p, rep)": dict(temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.05),
     "greedy": dict(temperature=0.0),
 }
 
 
-def bench(cfg: dict, batch: int, device: str, history: int, seeded: bool, iters: int) -> float:
+def _sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def model_steps(device: str, steps: int, clock) -> tuple[dict[int, float], dict[int, list[torch.Tensor]]]:
+    """Median decode step (ms) per batch size, and the (B, V) logits of those steps."""
+    import tokenmill
+
+    llm = tokenmill.load(device=device)
+    runner = llm.runner
+    ids = llm.encode("The history of the printing press begins in")
+    times, logits = {}, {}
+    for B in BATCHES:
+        cache = runner.new_cache(B, 512)
+        tokens = [int(runner.prefill(cache, row, ids + [100 + row]).argmax()) for row in range(B)]
+        ts, out = [], []
+        for _ in range(2 + steps):  # two warm-up steps
+            _sync(device)
+            t0 = clock()
+            step = runner.decode(cache, list(range(B)), tokens).float()
+            _sync(device)
+            ts.append(clock() - t0)
+            out.append(step)
+            tokens = torch.distributions.Categorical(logits=step).sample().tolist()  # varied continuations
+        times[B], logits[B] = statistics.median(ts[2:]) * 1e3, out
+    return times, logits
+
+
+def bench(cfg: dict, logits: list[torch.Tensor], device: str, history: int, seeded: bool, iters: int, clock) -> float:
+    B, V = logits[0].shape
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, V, (history,), generator=g).tolist()
-    seqs = [SeqSamplingState.new(SamplingParams(**cfg, seed=i if seeded else None), prompt, device, eos_ids=[2])
-            for i in range(batch)]
+    seqs = [SeqSamplingState.new(SamplingParams(**{**cfg, "seed": i if seeded else None}), prompt, device, eos_ids=[2])
+            for i in range(B)]
     sampler = Sampler(V)
-    logits = [torch.randn(batch, V, generator=g).to(device) * 3 for _ in range(4)]
+    ts = []
     for k in range(3 + iters):
-        if k == 3:
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        tokens = sampler(logits[k % 4], seqs).tokens.tolist()  # the caller reads the tokens every step
+        _sync(device)
+        t0 = clock()
+        tokens = sampler(logits[k % len(logits)], seqs).tokens.tolist()  # the caller reads the tokens every step
+        ts.append(clock() - t0)
         for s, t in zip(seqs, tokens):
             s.output_ids.append(t)
-    return (time.perf_counter() - t0) / iters * 1e3
+    return statistics.median(ts[3:]) * 1e3
 
 
 def main():
@@ -47,16 +88,34 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--history", type=int, default=640, help="prompt tokens before the first step")
-    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="cpu: this thread's CPU time")
+    ap.add_argument("--iters", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=8, help="model decode steps timed (and logits kept) per batch")
+    ap.add_argument("--synthetic", action="store_true", help="randn * 3 logits; skips the model")
+    ap.add_argument("--seeded", action="store_true", help="also time seeded rows (their noise is drawn row by row)")
     args = ap.parse_args()
+    if args.clock == "cpu" and (args.threads != 1 or args.device != "cpu"):
+        ap.error("--clock cpu counts one thread: it needs --threads 1 and --device cpu")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
+    if args.synthetic:
+        g = torch.Generator().manual_seed(0)
+        step_ms = None
+        logits = {B: [(torch.randn(B, 49152, generator=g) * 3).to(args.device) for _ in range(4)] for B in BATCHES}
+    else:
+        step_ms, logits = model_steps(args.device, args.steps, clock)
+    V = logits[1][0].shape[-1]
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, V {V}, "
-          f"history {args.history} tokens; ms per call (seeded rows draw their noise one row at a time)")
+          f"history {args.history} tokens, {'synthetic' if args.synthetic else 'model'} logits; median {args.clock} "
+          f"ms per call")
+    if step_ms:
+        print(f"  {'model decode step':26s}          " + "  ".join(f"B={B}: {step_ms[B]:7.1f}" for B in BATCHES))
     for name, cfg in CONFIGS.items():
-        for seeded in (False, True):
-            times = [bench(cfg, b, args.device, args.history, seeded, args.iters) for b in (1, 16, 64)]
-            print(f"  {name:32s} {'seeded' if seeded else 'unseeded':9s} "
-                  + "  ".join(f"B={b}: {t:7.2f}" for b, t in zip((1, 16, 64), times)))
+        for seeded in (False, True) if args.seeded else (False,):
+            ms = {B: bench(cfg, logits[B], args.device, args.history, seeded, args.iters, clock) for B in BATCHES}
+            share = lambda B: f" ({ms[B] / step_ms[B]:5.1%})" if step_ms else ""
+            print(f"  {name:26s} {'seeded' if seeded else '':8s} "
+                  + "  ".join(f"B={B}: {ms[B]:7.2f}{share(B)}" for B in BATCHES))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tokenmill.errors import InvalidRequestError
+import tokenmill.sampler as sampler_module
 from tokenmill.sampler import DRY_MAX_MATCH, Sampler, SeqSamplingState, dry_breaker_ids
 from tokenmill.sampling import PRESETS, SamplingParams as P
 
@@ -316,7 +317,10 @@ def test_dry_penalises_the_planted_repeat():
     assert np.abs(recovered_logits(probs, 99)[0]).max() < 1e-5
 
 
-def test_dry_random_histories_vs_reference():
+@pytest.mark.parametrize("sparse", [True, False])  # the CPU compares only the likely positions; others all
+def test_dry_random_histories_vs_reference(monkeypatch, sparse):
+    if not sparse:
+        monkeypatch.setattr(sampler_module, "CPU_DEVICES", ())
     rng = np.random.default_rng(4)
     v = 12  # small vocab: many accidental repeats
     params = [P(dry_multiplier=0.5, dry_allowed_length=a, dry_range=r, dry_base=b)
@@ -341,8 +345,11 @@ def wilson_hilferty_999(df):
     return df * (1 - 2 / (9 * df) + 3.0902 * math.sqrt(2 / (9 * df))) ** 3
 
 
+@pytest.mark.parametrize("cpu_paths", [True, False])  # False: the draw other devices use
 @pytest.mark.parametrize("seeded", [False, True])
-def test_draws_follow_the_filtered_distribution(seeded):
+def test_draws_follow_the_filtered_distribution(monkeypatch, seeded, cpu_paths):
+    if not cpu_paths:
+        monkeypatch.setattr(sampler_module, "CPU_DEVICES", ())
     torch.manual_seed(0)
     rng = np.random.default_rng(5)
     v, n = 48, 20000
@@ -359,6 +366,40 @@ def test_draws_follow_the_filtered_distribution(seeded):
     chi2 = ((counts[kept] - expected) ** 2 / expected).sum()
     df = len(kept) - 1
     assert 3 <= df and chi2 < wilson_hilferty_999(df), f"chi2 {chi2:.1f} with df {df}"
+
+
+@pytest.mark.parametrize("cpu_paths", [True, False])
+def test_unfiltered_draws_follow_the_distribution(monkeypatch, cpu_paths):
+    # the whole vocabulary: on the CPU an inverse cdf through blocks of 32 tokens, two of them all zero here
+    if not cpu_paths:
+        monkeypatch.setattr(sampler_module, "CPU_DEVICES", ())
+    torch.manual_seed(3)
+    rng = np.random.default_rng(12)
+    v, n = 128, 30000
+    logits = rng.normal(0, 1.0, v)
+    logits[32:64] = NEG
+    logits[100:] = NEG
+    logits[[40, 101]] = 0.5, 1.0  # alone in their blocks
+    p = P(temperature=0.9)
+    ref = ref_probs(logits, p)
+    out = Sampler(v)(torch.tensor(np.tile(logits, (n, 1)), dtype=torch.float32), states([p] * n))
+    counts = np.bincount(out.tokens.numpy(), minlength=v)
+    assert counts[ref == 0].sum() == 0, "drew an impossible token"
+    kept = np.flatnonzero(ref * n >= 5)
+    chi2 = ((counts[kept] - ref[kept] * n) ** 2 / (ref[kept] * n)).sum()
+    assert chi2 < wilson_hilferty_999(len(kept) - 1), f"chi2 {chi2:.1f} with df {len(kept) - 1}"
+
+
+@pytest.mark.parametrize("cpu_paths", [True, False])
+def test_a_row_with_nothing_left_still_returns_a_token(monkeypatch, cpu_paths):
+    if not cpu_paths:
+        monkeypatch.setattr(sampler_module, "CPU_DEVICES", ())
+    logits = torch.zeros(3, 64)
+    logits[:, 5] = 8.0  # p = 0.98
+    ss = states([P(allowed_tokens=[7]), P(top_k=5, allowed_tokens=[7]), P(top_p=0.5)])
+    ss[0].banned_now = ss[1].banned_now = {7}  # every token is -inf in rows 0 and 1
+    tokens = Sampler(64)(logits, ss).tokens.tolist()
+    assert all(0 <= t < 64 for t in tokens) and tokens[2] == 5
 
 
 def test_disallowed_banned_now_and_allowed_never_drawn():
@@ -561,6 +602,220 @@ def test_plan_is_reused_for_the_same_seqs():
 def test_logit_bias_out_of_vocab_is_rejected():
     with pytest.raises(InvalidRequestError, match="logit_bias"):
         Sampler(10)(torch.zeros(1, 10), states([P(logit_bias={12: 1.0})]))
+
+
+# ---------------------------------------------------------------- candidate space (the CPU's fast path)
+
+CANDIDATE_BATCH = [
+    P(top_k=3), P(top_k=40, temperature=0.7), P(top_p=0.3), P(top_p=0.6), P(top_p=0.97), P(min_p=0.2),
+    P(min_p=0.01, temperature=1.5), P(top_a=0.2), P(typical_p=0.3), P(typical_p=0.9),
+    P(top_k=20, top_p=0.8, min_p=0.05, typical_p=0.9, tfs=0.9), P(tfs=0.8), P(), P(top_k=10, skew=0.5),
+    P(top_p=0.9, temperature=0.5, temperature_last=True), P(top_k=30, dynatemp_min=0.5, dynatemp_max=1.5),
+    P(min_p=0.1, xtc_probability=1.0, xtc_threshold=0.05), P(top_k=25, mirostat_mode=2, mirostat_tau=3.0),
+    P(temperature=0), P(smoothing_factor=0.3, top_k=15), P(smoothing_factor=0.5, top_p=0.5),
+    P(top_p=0.97, min_p=0.05), P(top_p=0.97, min_p=0.05, top_a=0.01, temperature=0.7),
+    P(smoothing_factor=0.4, min_p=0.1, temperature=0.7), P(smoothing_factor=0.3, top_k=15, temperature=1.6),
+]
+SMALL_TIERS = ((4, 6, 200), (4, 40, 600))  # V = 1000: 250 blocks, so the bounds cut and some rows fall back
+
+
+@pytest.fixture
+def routes(monkeypatch):
+    """Small candidate tiers, and a record of which rows each call put in candidate groups and which it left over."""
+    monkeypatch.setattr(sampler_module, "_TIERS", SMALL_TIERS)
+    seen = []
+    real = sampler_module._candidate_groups
+
+    def spy(*args):
+        groups, rest = real(*args)
+        seen.append(([g.rows for g in groups], rest))
+        return groups, rest
+
+    monkeypatch.setattr(sampler_module, "_candidate_groups", spy)
+    return seen
+
+
+def test_candidate_space_matches_reference_and_falls_back(routes):
+    rng = np.random.default_rng(20)
+    logits = tie_logits(rng, len(CANDIDATE_BATCH), 1000)  # ties everywhere, a few -inf per row
+    probs = Sampler(1000).probs(torch.tensor(logits, dtype=torch.float32), states(CANDIDATE_BATCH))
+    assert_rows(probs, [ref_probs(logits[i], p, mu=2 * p.mirostat_tau) for i, p in enumerate(CANDIDATE_BATCH)])
+    (groups, rest), = routes
+    assert groups[0][:3] == [0, 1, 2] and 3 in groups[1]  # top_p 0.6 needed the second tier
+    # top_p 0.97 spreads over too many tokens, so does min_p 0.01 at T 1.5, and typical 0.3 over this flat a row;
+    # tfs first and no filter (rows 11, 12) always use the full vocabulary. Row 21 takes min_p's bound instead of
+    # top_p's (row 22 cannot: top_a between them measures mass).
+    assert {4, 6, 8, 11, 12, 22} <= set(rest) and 18 not in rest and not set(rest) & set(sum(groups, []))
+    assert 21 in groups[0] and {19, 23, 24} <= set(groups[0])  # smoothed in candidate space (not 20: top_p first)
+
+
+def test_candidate_space_typical_first_uses_the_whole_entropy(routes):
+    rng = np.random.default_rng(21)
+    logits = tie_logits(rng, 3, 1000) * 4  # peaked: the typical set lies among the top tokens
+    params = [P(typical_p=0.5), P(typical_p=0.2, temperature=2.0), P(typical_p=0.9, top_a=0.01)]
+    probs = Sampler(1000).probs(torch.tensor(logits, dtype=torch.float32), states(params))
+    assert_rows(probs, [ref_probs(logits[i], p) for i, p in enumerate(params)])
+    (groups, rest), = routes
+    assert sorted(sum(groups, [])) == [0, 1, 2] and rest == []
+
+
+@pytest.mark.parametrize("cpu_paths", [True, False])
+def test_smoothing_in_candidate_space(monkeypatch, cpu_paths):
+    if not cpu_paths:
+        monkeypatch.setattr(sampler_module, "CPU_DEVICES", ())
+    widths = []
+    real = sampler_module._smooth_
+    monkeypatch.setattr(sampler_module, "_smooth_", lambda x, *a: widths.append(x.shape[-1]) or real(x, *a))
+    rng = np.random.default_rng(28)
+    logits = tie_logits(rng, 3, 1000)
+    params = [P(smoothing_factor=0.3, top_k=15, temperature=1.6), P(smoothing_factor=0.4, min_p=0.1, temperature=0.7),
+              P(smoothing_factor=2.0, min_p=0.3, temperature=0.5)]
+    probs = Sampler(1000).probs(torch.tensor(logits, dtype=torch.float32), states(params))
+    assert_rows(probs, [ref_probs(logits[i], p) for i, p in enumerate(params)])
+    assert widths and (max(widths) < 1000 if cpu_paths else widths == [1000])  # candidates only, or every token
+    # a row with too many candidates falls back to the full space, and is smoothed there
+    monkeypatch.setattr(sampler_module, "_TIERS", SMALL_TIERS)
+    params.append(P(smoothing_factor=0.01, min_p=0.001, temperature=0.9))
+    logits = tie_logits(rng, 4, 1000)
+    widths.clear()
+    probs = Sampler(1000).probs(torch.tensor(logits, dtype=torch.float32), states(params))
+    assert_rows(probs, [ref_probs(logits[i], p) for i, p in enumerate(params)])
+    assert 1000 in widths
+
+
+def test_candidate_space_keeps_ties_at_the_bound(routes):
+    v = 512
+    logits = np.full((4, v), -5.0)
+    logits[:, [7, 301]] = 3.0
+    logits[:, 11::17] = 1.0  # 30 tokens tied for 3rd place, one or none per block of 4
+    params = [P(top_k=5), P(top_p=0.5), P(top_k=3, top_p=0.99), P(min_p=0.13)]
+    probs = Sampler(v).probs(torch.tensor(logits, dtype=torch.float32), states(params))
+    refs = [ref_probs(logits[i], p) for i, p in enumerate(params)]
+    assert_rows(probs, refs)
+    assert [(r > 0).sum() for r in refs] == [32, 32, 32, 32]  # the whole tie group, although top_k is 5
+    assert routes == [([[0, 1, 2, 3]], [])]
+
+
+def test_candidate_space_with_mostly_infinite_rows(routes):
+    rng = np.random.default_rng(22)
+    v = 1000
+    logits = rng.normal(0, 2, (5, v))
+    logits[:, 100:900] = NEG  # 200 whole blocks of -inf
+    params = [P(top_k=50, allowed_tokens=[5, 17, 400, 650, 999]), P(top_p=0.9, allowed_tokens=[3, 950]),
+              P(min_p=0.3, disallowed_tokens=list(range(0, 100))), P(top_k=300), P(typical_p=0.5, top_k=400)]
+    probs = Sampler(v).probs(torch.tensor(logits, dtype=torch.float32), states(params))
+    assert_rows(probs, [ref_probs(logits[i], p) for i, p in enumerate(params)])
+    assert (probs[0] > 0).sum() == 3 and set(probs[1].nonzero().flatten().tolist()) <= {3, 950}  # 400, 650: -inf
+    assert routes == [([[0, 1, 2, 3, 4]], [])]  # top_k 300 > 200 finite tokens: every finite token is a candidate
+
+
+def random_params(rng):
+    d = {}
+    choices = (("top_k", 0.5, [1, 5, 40]), ("top_p", 0.5, [0.3, 0.6, 0.9, 0.97]), ("min_p", 0.3, [0.01, 0.05, 0.2]),
+               ("top_a", 0.2, [0.05, 0.3]), ("tfs", 0.2, [0.8]), ("typical_p", 0.2, [0.3, 0.9]),
+               ("temperature", 0.3, [0.5, 1.3, 2.0]), ("smoothing_factor", 0.2, [0.1, 2.0]), ("skew", 0.1, [0.5]),
+               ("mirostat_mode", 0.1, [2]))
+    for name, chance, values in choices:
+        if rng.random() < chance:
+            d[name] = values[rng.integers(len(values))]
+    if rng.random() < 0.1:
+        d.update(xtc_probability=1.0, xtc_threshold=0.05)
+    return P(**d)
+
+
+def test_random_batches_in_candidate_space_match_reference(monkeypatch):
+    rng = np.random.default_rng(29)
+    for trial in range(20):
+        first = (4, int(rng.integers(2, 10)), int(rng.integers(20, 300)))
+        monkeypatch.setattr(sampler_module, "_TIERS", (first, (4, 40, 600), (4, 1 << 30, 2000)))
+        v = int(rng.choice([64, 300, 1003]))
+        params = [random_params(rng) for _ in range(int(rng.integers(1, 8)))]
+        logits = tie_logits(rng, len(params), v) * rng.choice([1, 3])
+        probs = Sampler(v).probs(torch.tensor(logits, dtype=torch.float32), states(params))
+        assert_rows(probs, [ref_probs(logits[i], p, mu=2 * p.mirostat_tau) for i, p in enumerate(params)])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_full_space_path_matches_reference(monkeypatch, device):
+    # the path other devices take (and CPU rows that fall back), for every kind of row
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    monkeypatch.setattr(sampler_module, "CPU_DEVICES", ())
+    monkeypatch.setattr(sampler_module, "_candidate_groups", None)  # never called
+    rng = np.random.default_rng(23)
+    logits = tie_logits(rng, len(CANDIDATE_BATCH), 300)
+    probs = Sampler(300).probs(torch.tensor(logits, dtype=torch.float32, device=device),
+                               states(CANDIDATE_BATCH, device=device))
+    assert_rows(probs.cpu(), [ref_probs(logits[i], p, mu=2 * p.mirostat_tau) for i, p in enumerate(CANDIDATE_BATCH)])
+
+
+def test_seeded_rows_reproduce_across_candidate_groups(routes):
+    rng = np.random.default_rng(24)
+    v, steps = 1000, 12
+    target = P(seed=99, top_p=0.6, temperature=1.1, xtc_probability=0.5, xtc_threshold=0.02, skew=0.4)
+    others = [P(top_k=100), P(top_p=0.97, seed=3), P(), P(min_p=0.05, seed=4)]  # wider and fallback rows
+    logits = [torch.tensor(rng.normal(0, 2, (5, v)), dtype=torch.float32) for _ in range(steps)]
+    alone = run_steps(Sampler(v), logits, states([target], [1, 2, 3]), [2])
+    batched = run_steps(Sampler(v), logits, states(others[:2] + [target] + others[2:], [1, 2, 3]))
+    assert [t[0] for t in alone] == [t[2] for t in batched]
+    assert len({t[0] for t in alone}) > 3
+    assert any(2 in sum(groups, []) for groups, _ in routes) and any(1 in rest for _, rest in routes)
+
+
+def test_sampler_buffers_are_reused_and_stay_zero():
+    rng = np.random.default_rng(25)
+    v = 64
+    sampler = Sampler(v)
+    for b in (2, 6, 3):
+        params = [P(repetition_penalty=1.3, repetition_range=5, repetition_decay=2, frequency_penalty=0.2,
+                    dry_multiplier=0.5, dry_allowed_length=1, seed=i) for i in range(b)]
+        prompt, outputs = list(rng.integers(0, v, 30)), [list(rng.integers(0, v, 10)) for _ in range(b)]
+        logits = torch.tensor(rng.normal(0, 1, (b, v)), dtype=torch.float32)
+        got = sampler.probs(logits, states(params, prompt, outputs))
+        torch.testing.assert_close(got, Sampler(v).probs(logits, states(params, prompt, outputs)), rtol=0, atol=0)
+        assert not sampler._buffers["zeros"].any()
+    assert sampler._buffers["zeros"].shape[0] == 6
+
+
+def test_argmax_takes_the_first_maximum():
+    rng = np.random.default_rng(26)
+    for v in (7, 32, 1000, 1003):  # ragged last block too
+        x = torch.tensor(np.round(rng.normal(0, 1, (50, v)) * 2) / 2, dtype=torch.float32)
+        x[0, :] = NEG
+        x[1, -1] = 99.0
+        x[2, [3, v - 1]] = 99.0
+        assert torch.equal(sampler_module._argmax(x), x.argmax(-1))
+
+
+def test_inverse_cdf_draws_only_positive_probabilities_in_proportion():
+    torch.manual_seed(2)
+    v, n = 256, 40000
+    p = torch.zeros(v)
+    p[[0, 31, 32, 100, 101, 223, 255]] = torch.tensor([0.1, 0.25, 0.05, 0.2, 0.15, 0.05, 0.2])  # block 7 all zero
+    probs = p.repeat(n, 1)
+    cols = sampler_module._inverse_cdf(probs, torch.rand(n, 1))
+    counts = np.bincount(cols.numpy(), minlength=v)
+    kept = np.flatnonzero(p.numpy() > 0)
+    assert counts[p.numpy() == 0].sum() == 0
+    expected = p.numpy()[kept] * n
+    chi2 = ((counts[kept] - expected) ** 2 / expected).sum()
+    assert chi2 < wilson_hilferty_999(len(kept) - 1)
+    # the ends of [0, 1) land on the first and the last token with mass
+    edges = sampler_module._inverse_cdf(probs[:2], torch.tensor([[0.0], [1.0 - 2 ** -24]]))
+    assert edges.tolist() == [0, 255]
+
+
+def test_top_logprobs_beyond_the_candidates(routes):
+    rng = np.random.default_rng(27)
+    v = 1000
+    logits = rng.normal(0, 2, (2, v))
+    params = [P(top_k=2, logprobs=True, top_logprobs=6, seed=1), P(top_k=3, logprobs=True, seed=2)]
+    out = Sampler(v)(torch.tensor(logits, dtype=torch.float32), states(params))
+    ref = ref_probs(logits[0], params[0])
+    np.testing.assert_allclose(np.exp(out.top_logprobs[0, :2].double().numpy()), np.sort(ref)[::-1][:2], atol=1e-6)
+    assert out.top_ids[0, :2].tolist() == np.argsort(-ref)[:2].tolist()
+    assert torch.isneginf(out.top_logprobs[0, 2:]).all() and len(set(out.top_ids[0].tolist())) == 6
+    assert routes and routes[0][1] == []
 
 
 # ---------------------------------------------------------------- SamplingParams

@@ -5,7 +5,8 @@ Steps, in ExLlamaV2's order (XTC, which ExLlamaV2 lacks, goes after temperature;
   1. penalties     repetition over prompt+output (last `repetition_range` tokens, fading out over the
                    `repetition_decay` tokens before them); frequency and presence over output tokens only (OpenAI)
   2. masks         logit_bias, allowed/disallowed tokens, banned_now, EOS until min_new_tokens (always with ignore_eos)
-  3. DRY           penalise the token that would extend a repeat of the recent context
+  3. DRY           penalise the token that would extend a repeat of the recent context (it only subtracts, so it
+                   is applied with the penalties, in one pass over the history positions)
      -- greedy rows (temperature 0) take the argmax here --
   4. smoothing     quadratic: l' = max - s * (l - max)^2
   5. temperature   l / T, unless temperature_last or dynamic temperature (then after step 6)
@@ -14,13 +15,27 @@ Steps, in ExLlamaV2's order (XTC, which ExLlamaV2 lacks, goes after temperature;
   8. XTC           with probability xtc_probability, drop every token with p >= xtc_threshold but the least likely
   9. mirostat v2   keep tokens with surprise <= mu (at least the top one); mu moves towards tau after the draw
  10. skew          the draw's cdf C becomes C ** exp(skew) (ExLlamaV2's u ** exp(-skew) in inverse-cdf form)
- 11. draw          argmax(p / Exponential(1)), no host sync
+ 11. draw          argmax(p / q), q ~ Exponential(1), without a host sync (see below for the CPU)
 
 Every step is vectorised over rows with per-row parameter tensors; a step whose parameter is off in every row is
 skipped, and rows with it off pass through unchanged. Per-row Python loops remain only where a row owns state:
 seeded rows draw their noise (and XTC coin) from their own generator, one row at a time, so a seeded row gives the
 same tokens alone or in any batch; mirostat mu is read and written per row; histories are gathered per row.
 Filters keep ties: a token tied with the last one kept is kept too.
+
+On the CPU (CPU_DEVICES) a sort of V costs ~7 ms a row, a random number ~20 ns, argmax ~10x an amax and a fresh
+(B, V) tensor thousands of page faults, while reading a tensor on the host is free. So there:
+  - a sampled row whose filters bound its survivors from below runs steps 4-11 in candidate space, on its tokens
+    with logit >= tau: the k-th largest block maximum (top_k), the threshold less a margin (min_p, also after top_p;
+    top_a), or a block-maximum bound checked afterwards (top_p: the candidates hold top_p of the whole mass;
+    typical: every token outside is further from the whole entropy than the last one kept). Ties with tau are
+    candidates too, and each row checks that its survivors lie strictly above every token outside, so the result
+    is exact; rows whose check fails retry with a lower bound, then join the rows with no such filter (or tfs
+    first) in the full space;
+  - unseeded rows draw by inverse cdf with one uniform each, and DRY compares only the positions whose previous
+    token is the newest.
+Other devices run every row in the full space: a sort is cheap there, and choosing rows would need a host sync.
+The (B, V) working tensors are buffers kept across calls.
 """
 
 from __future__ import annotations
@@ -38,6 +53,14 @@ from tokenmill.sampling import SamplingParams
 DRY_MAX_MATCH = 50  # longest repeat DRY measures: bounds base ** length and the work per step
 _MIN_TEMP = 1e-4  # dynamic temperature floor (dynatemp_min may be 0)
 _NEG_INF = float("-inf")
+_BLOCK = 32  # tokens per block: the CPU's greedy argmax and inverse cdf
+CPU_DEVICES = ("cpu",)  # device types that take the CPU's paths (module docstring)
+# candidate tiers, tried in turn: (block size, a power of two; blocks at or above tau for top_p/typical rows; most
+# candidates a row may have). With V = 49152 and a model's logits at T = 1, top_p = 0.9 the first holds ~65% of rows,
+# the second ~99%, the third (every block) nearly all the rest.
+_TIERS = ((32, 256, 4096), (32, 1024, 16384), (32, 1 << 30, 32768))
+_FILTERS = {"top_k": lambda p: p.top_k > 0, "top_p": lambda p: p.top_p < 1.0, "top_a": lambda p: p.top_a > 0,
+            "min_p": lambda p: p.min_p > 0, "tfs": lambda p: p.tfs < 1.0, "typical_p": lambda p: p.typical_p < 1.0}
 
 
 def _h2d(values: list, dtype: torch.dtype, device) -> torch.Tensor:
@@ -84,6 +107,7 @@ class SeqSamplingState:
 
     def history(self, device: torch.device) -> torch.Tensor:
         """(L,) int64 prompt + output ids on `device`; only tokens added since the last call are copied."""
+        device = torch.device(device)
         n, n_prompt = len(self.output_ids), len(self.prompt_ids)
         stale = (self._hist is None or self._hist.device != device
                  or (0 < self._n_out <= n and self.output_ids[self._n_out - 1] != self._last))
@@ -122,7 +146,9 @@ class _Plan:
         on = lambda pred: [not g and pred(p) for p, g in zip(ps, greedy)]  # sampling steps skip greedy rows
         vec = lambda xs, dtype=torch.float32: _h2d(xs, dtype, device)
         self.B, self.vocab, self.device = B, vocab, device
-        self.greedy, self.any_greedy, self.all_greedy = vec(greedy, torch.bool), any(greedy), all(greedy)
+        self.any_greedy, self.all_greedy = any(greedy), all(greedy)
+        self.sampled = [i for i, g in enumerate(greedy) if not g]
+        self.greedy_rows = [i for i, g in enumerate(greedy) if g]
 
         # penalties and DRY read the history; the window is how many trailing tokens each row needs (None: all)
         rep = [p.repetition_penalty != 1.0 for p in ps]
@@ -149,25 +175,29 @@ class _Plan:
                     self.breakers[i, list(s.dry_breaker_ids)] = True
             self.breakers = self.breakers.to(device)
 
-        self.bias = None  # (B, V) additive: logit_bias, -inf outside allowed_tokens and on disallowed_tokens
-        if any(p.logit_bias or p.disallowed_tokens or p.allowed_tokens is not None for p in ps):
-            bias = torch.zeros(B, vocab)
-            for i, p in enumerate(ps):
+        # sparse (rows, cols, values), added to the logits: logit_bias, -inf outside allowed_tokens and on disallowed
+        self.bias = None
+        biased = [i for i, p in enumerate(ps) if p.logit_bias or p.disallowed_tokens or p.allowed_tokens is not None]
+        if biased:
+            bias = torch.zeros(len(biased), vocab)
+            for row, i in zip(bias, biased):
+                p = ps[i]
                 for name, ids in (("logit_bias", p.logit_bias), ("disallowed_tokens", p.disallowed_tokens),
                                   ("allowed_tokens", p.allowed_tokens or [])):
                     if any(t >= vocab for t in ids):
                         raise InvalidRequestError(
                             f"{name} token ids must be < vocab size {vocab}, got {max(ids)}")
                 if p.allowed_tokens is not None:
-                    bias[i] = _NEG_INF
-                    bias[i, p.allowed_tokens] = 0.0
+                    row[:] = _NEG_INF
+                    row[p.allowed_tokens] = 0.0
                 if p.logit_bias:
-                    bias[i, list(p.logit_bias)] += torch.tensor(list(p.logit_bias.values()))
-                bias[i, p.disallowed_tokens] = _NEG_INF
-            self.bias = bias.to(device)
+                    row[list(p.logit_bias)] += torch.tensor(list(p.logit_bias.values()))
+                row[p.disallowed_tokens] = _NEG_INF
+            r, c = bias.nonzero(as_tuple=True)
+            self.bias = (torch.tensor(biased)[r].to(device), c.to(device), bias[r, c].to(device))
 
         smooth = on(lambda p: p.smoothing_factor > 0)
-        self.any_smooth, self.smooth_on = any(smooth), vec(smooth, torch.bool)
+        self.smooth_rows = [i for i, s in enumerate(smooth) if s]
         self.smooth = vec([p.smoothing_factor for p in ps])
         dyn = on(lambda p: p.dynatemp_max > p.dynatemp_min)
         late = [d or (not g and p.temperature_last) for p, g, d in zip(ps, greedy, dyn)]
@@ -179,32 +209,59 @@ class _Plan:
         self.dyn_min, self.dyn_max = vec([p.dynatemp_min for p in ps]), vec([p.dynatemp_max for p in ps])
         self.dyn_exp = vec([p.dynatemp_exponent for p in ps])
 
-        filters = {"top_k": lambda p: p.top_k > 0, "top_p": lambda p: p.top_p < 1.0, "top_a": lambda p: p.top_a > 0,
-                   "min_p": lambda p: p.min_p > 0, "tfs": lambda p: p.tfs < 1.0, "typical_p": lambda p: p.typical_p < 1.0}
-        self.filters = {}  # name -> (per-row value, per-row on) for filters on in some row
-        for name, pred in filters.items():
+        self.filters = {}  # name -> (per-row value, per-row on, on in every sampled row) for filters on in some row
+        for name, pred in _FILTERS.items():
             mask = on(pred)
             if any(mask):
                 dtype = torch.long if name == "top_k" else torch.float32
                 all_on = all(m or g for m, g in zip(mask, greedy))  # greedy rows ignore the result
                 self.filters[name] = (vec([getattr(p, name) for p in ps], dtype), vec(mask, torch.bool), all_on)
+        # candidate space (_candidate_groups): each sampled row's first filter, and the filter that bounds its
+        # candidates: the first, or min_p after top_p (min_p only compares with the top token, so top_p may keep
+        # more than the candidates then); "": the full space (no filter, or tfs first)
+        self.first = [next((n for n in _FILTERS if not g and _FILTERS[n](p)), "") for p, g in zip(ps, greedy)]
+        self.bound = ["min_p" if f == "top_p" and p.min_p > 0 and p.top_a == 0 else "" if f == "tfs" else f
+                      for p, f in zip(ps, self.first)]
+        self.bound_on = {n: vec([b == n for b in self.bound], torch.bool) for n in set(self.bound) - {""}}
+        self.top_k = [p.top_k for p in ps]
 
         self.xtc_rows = {i for i, x in enumerate(on(lambda p: p.xtc_probability > 0)) if x}
         self.xtc_prob, self.xtc_thr = vec([p.xtc_probability for p in ps]), vec([p.xtc_threshold for p in ps])
         miro = on(lambda p: p.mirostat_mode == 2)
-        self.miro_rows, self.miro_on = [i for i, m in enumerate(miro) if m], vec(miro, torch.bool)
+        self.miro_rows, self.miro_on = {i for i, m in enumerate(miro) if m}, vec(miro, torch.bool)
         self.tau, self.eta = vec([p.mirostat_tau for p in ps]), vec([p.mirostat_eta for p in ps])
         skew = on(lambda p: p.skew != 0)
-        self.any_skew, self.skew_on, self.skew_exp = any(skew), vec(skew, torch.bool), vec([math.exp(p.skew) for p in ps])
+        self.skew_rows, self.skew_on = {i for i, s in enumerate(skew) if s}, vec(skew, torch.bool)
+        self.skew_exp = vec([math.exp(p.skew) for p in ps])
 
-        self.seeded_rows = [i for i, s in enumerate(seqs) if not greedy[i] and s.generator is not None]
-        self.any_unseeded = any(not g and s.generator is None for s, g in zip(seqs, greedy))
+        self.seeded_rows = {i for i, s in enumerate(seqs) if not greedy[i] and s.generator is not None}
         self.any_logprobs = any(p.logprobs for p in ps)
         self.n_top = max(p.top_logprobs for p in ps)
 
     def matches(self, seqs, vocab, device) -> bool:
         return (len(seqs) == self.B and vocab == self.vocab and device == self.device
                 and all(a is b and a.params is p for a, b, p in zip(seqs, self.seqs, self.params)))
+
+    def index(self, rows: list[int]) -> slice | torch.Tensor:
+        """Indexes the per-row tensors at `rows` (ascending)."""
+        return slice(None) if len(rows) == self.B else _h2d(rows, torch.long, self.device)
+
+
+@dataclass
+class _Group:
+    """Rows of the batch sampled together over C columns each: candidates, or the whole vocabulary."""
+
+    rows: list[int]  # batch rows, ascending
+    sl: slice | torch.Tensor  # the same rows, to index per-row tensors
+    x: torch.Tensor  # (R, C) logits; -inf where truncated
+    ids: torch.Tensor | None  # (R, C) token id of each column; None: column j is token j
+    n: list[int]  # per row, the columns in use (how many exponentials a seeded row draws)
+    probs: torch.Tensor | None = None  # (R, C) the distribution to draw from
+    miro_probs: torch.Tensor | None = None  # (R, C) mirostat's (before skew), for its mu update
+    mu: torch.Tensor | None = None  # (R,) mirostat mu before the draw
+
+    def tokens(self, cols: torch.Tensor) -> torch.Tensor:
+        return cols if self.ids is None else self.ids.gather(1, cols[:, None]).squeeze(1)
 
 
 class Sampler:
@@ -213,34 +270,42 @@ class Sampler:
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
         self._plan: _Plan | None = None
+        self._buffers: dict[str, torch.Tensor] = {}  # by name; "zeros" is all zero between uses
 
     def __call__(self, logits: torch.Tensor, seqs: list[SeqSamplingState]) -> SampleOutput:
         """Sample one token per row of `logits` (B, V); row i uses seqs[i]."""
         plan, x = self._prepare(logits, seqs)
-        tokens = greedy_tok = x.argmax(-1) if plan.any_greedy else None
+        (B, V), dev, n = x.shape, x.device, min(plan.n_top, x.shape[1])
+        out = SampleOutput(_argmax(x) if plan.any_greedy else torch.empty(B, dtype=torch.long, device=dev))
+        if plan.any_logprobs:
+            out.logprobs = torch.empty(B, device=dev)
+            if n:
+                out.top_logprobs, out.top_ids = torch.empty(B, n, device=dev), torch.empty(B, n, dtype=torch.long,
+                                                                                           device=dev)
+            if plan.any_greedy:  # greedy rows report the processed logits at temperature 1
+                sl = plan.index(plan.greedy_rows)
+                xg = x[sl]
+                lse = torch.logsumexp(xg, -1, keepdim=True)
+                out.logprobs[sl] = (xg.gather(1, out.tokens[sl][:, None]) - lse).squeeze(1)
+                if n:
+                    top, out.top_ids[sl] = xg.topk(n, dim=-1)
+                    out.top_logprobs[sl] = top - lse
         if not plan.all_greedy:
-            probs, miro_probs = self._distribution(x, plan, seqs)
-            tokens = _draw(probs, plan, seqs)
-            if plan.any_greedy:
-                tokens = torch.where(plan.greedy, greedy_tok, tokens)
-            if plan.miro_rows:
-                surprise = -torch.log2(miro_probs.gather(1, tokens[:, None]).squeeze(1))
-                mu = torch.stack([seqs[i].mirostat_mu for i in plan.miro_rows])
-                rows = _h2d(plan.miro_rows, torch.long, x.device)
-                mu = mu - plan.eta[rows] * (surprise[rows] - plan.tau[rows])
-                for i, m in zip(plan.miro_rows, mu.unbind(0)):
-                    seqs[i].mirostat_mu = m
+            for g in self._distribution(x, plan, seqs):
+                cols = _draw(g, plan, seqs, self._buffer)
+                out.tokens[g.sl] = g.tokens(cols)
+                if g.mu is not None:
+                    surprise = -torch.log2(g.miro_probs.gather(1, cols[:, None]).squeeze(1))
+                    mu = g.mu - plan.eta[g.sl] * (surprise - plan.tau[g.sl])
+                    for i, m in zip(g.rows, mu.unbind(0)):
+                        if i in plan.miro_rows:
+                            seqs[i].mirostat_mu = m
+                if plan.any_logprobs:
+                    out.logprobs[g.sl], top = _logprobs(g, cols, n, V)
+                    if n:
+                        out.top_logprobs[g.sl], out.top_ids[g.sl] = top
         for s in seqs:
             s.banned_now.clear()
-        out = SampleOutput(tokens)
-        if plan.any_logprobs:
-            # greedy rows report the processed logits at temperature 1: their own final distribution is one-hot
-            logp = torch.log_softmax(x, -1) if plan.all_greedy else torch.log(probs)
-            if plan.any_greedy and not plan.all_greedy:
-                logp = torch.where(plan.greedy[:, None], torch.log_softmax(x, -1), logp)
-            out.logprobs = logp.gather(1, tokens[:, None]).squeeze(1)
-            if plan.n_top:
-                out.top_logprobs, out.top_ids = logp.topk(min(plan.n_top, logp.shape[-1]), dim=-1)
         return out
 
     def probs(self, logits: torch.Tensor, seqs: list[SeqSamplingState]) -> torch.Tensor:
@@ -249,11 +314,10 @@ class Sampler:
         Like a real step it draws the XTC coin from seeded rows' generators; it changes no other state.
         """
         plan, x = self._prepare(logits, seqs)
-        onehot = torch.zeros_like(x).scatter_(1, x.argmax(-1, keepdim=True), 1.0)
-        if plan.all_greedy:
-            return onehot
-        probs, _ = self._distribution(x, plan, seqs)
-        return torch.where(plan.greedy[:, None], onehot, probs)
+        out = torch.zeros_like(x).scatter_(1, _argmax(x)[:, None], 1.0)
+        for g in [] if plan.all_greedy else self._distribution(x, plan, seqs):
+            out[g.sl] = g.probs if g.ids is None else torch.zeros_like(out[g.sl]).scatter_add_(1, g.ids, g.probs)
+        return out
 
     # steps 1-3: logits after penalties, masks and DRY
     def _prepare(self, logits: torch.Tensor, seqs: list[SeqSamplingState]) -> tuple[_Plan, torch.Tensor]:
@@ -267,15 +331,22 @@ class Sampler:
         for s in seqs:
             if s.params.mirostat_mode and s.mirostat_mu is None:
                 s.mirostat_mu = _h2d(2.0 * s.params.mirostat_tau, torch.float32, dev)
-        x = logits.to(torch.float32, copy=True)
+        x = self._buffer("x", B, V, dev).copy_(logits)  # the working copy every later step edits in place
         if V > self.vocab_size:
             x[:, self.vocab_size:] = _NEG_INF
-        if plan.any_hist:
+        if plan.any_hist:  # penalties, then DRY: DRY only subtracts, so it commutes with the masks between them
             hist = _histories(seqs, plan, dev)
-            if plan.any_rep or plan.any_fp:
-                x = _penalties(x, hist, plan, seqs)
+            if hist.shape[1]:
+                ids, zeros = hist.clamp(min=0), self._buffer("zeros", B, V, dev)
+                seen = x.gather(1, ids)  # (B, L)
+                if plan.any_rep or plan.any_fp:
+                    seen = _penalties(seen, hist, ids, plan, seqs, zeros)
+                if plan.any_dry:
+                    seen = seen - _dry(hist, ids, plan, zeros)
+                x.scatter_(1, ids, seen)  # a token seen twice gets the same value written twice
         if plan.bias is not None:
-            x += plan.bias
+            rows, cols, values = plan.bias
+            x.index_put_((rows, cols), values, accumulate=True)
         rows, cols = [], []
         for i, s in enumerate(seqs):
             banned = list(s.banned_now)
@@ -285,38 +356,83 @@ class Sampler:
             cols += banned
         if rows:
             x[_h2d(rows, torch.long, dev), _h2d(cols, torch.long, dev)] = _NEG_INF
-        if plan.any_dry:
-            x = _dry(x, hist, plan)
         return plan, x
 
-    # steps 4-10: the distribution to draw from, and mirostat's (before skew) for its mu update
-    def _distribution(self, x, plan, seqs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if plan.any_smooth:
-            top = x.amax(-1, keepdim=True)
-            x = torch.where(plan.smooth_on[:, None], top - plan.smooth[:, None] * (x - top) ** 2, x)
-        if plan.any_t1:
-            x = x / plan.t1[:, None]
-        if plan.filters:
-            x = _truncate(x, plan.filters)
-        if plan.any_t2:
-            t2 = plan.t2
-            if plan.any_dyn:
-                t2 = torch.where(plan.dyn, _dynamic_temperature(x, plan), t2)
-            x = x / t2[:, None]
-        if plan.xtc_rows:
-            x = _xtc(x, plan, seqs)
-        miro_probs = None
-        if plan.miro_rows:
-            mu = torch.stack([s.mirostat_mu if s.params.mirostat_mode else plan.tau[0] for s in seqs])
-            p = torch.softmax(x, -1)
-            keep = (p >= torch.exp2(-mu)[:, None]) | (p >= p.amax(-1, keepdim=True)) | ~plan.miro_on[:, None]
-            x = x.masked_fill(~keep, _NEG_INF)
-        probs = torch.softmax(x, -1)
-        if plan.miro_rows:
-            miro_probs = probs
-        if plan.any_skew:
-            probs = torch.where(plan.skew_on[:, None], _skew(probs, plan.skew_exp), probs)
-        return probs, miro_probs
+    def _buffer(self, name: str, B: int, V: int, dev) -> torch.Tensor:
+        # reused (B, V) float32 buffers: on the CPU a fresh one costs ~V * B / 1024 page faults every call
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[0] < B or buf.shape[1] != V or buf.device != dev:
+            buf = self._buffers[name] = torch.zeros(B, V, device=dev)
+        return buf[:B]
+
+    def _rows(self, x: torch.Tensor, sl, name: str) -> torch.Tensor:
+        """x[sl]: x itself for all rows, else a copy in buffer `name`."""
+        if isinstance(sl, slice):
+            return x
+        return torch.index_select(x, 0, sl, out=self._buffer(name, len(sl), x.shape[1], x.device))
+
+    # steps 4-10 for the sampled rows, in groups: the distribution to draw from, and mirostat's (before skew)
+    def _distribution(self, x, plan, seqs) -> list[_Group]:
+        B, V = x.shape
+        cpu = x.device.type in CPU_DEVICES
+        # smoothing and temperature keep each row's order, so candidate rows apply them to their candidates only;
+        # rows that measure the whole vocabulary's mass or entropy, or use the full space, transform it all here
+        late = {i for i in plan.smooth_rows if cpu and plan.bound[i] in ("top_k", "min_p")
+                and plan.first[i] not in ("top_p", "top_a", "typical_p")}
+        t1, full = plan.t1, [i for i in plan.smooth_rows if i not in late]
+        if full:
+            sl = plan.index(full)
+            xs = self._rows(x, sl, "smooth")
+            _smooth_(xs, xs.amax(-1, keepdim=True), plan.smooth[sl, None], t1[sl, None])
+            if not isinstance(sl, slice):
+                x[sl] = xs
+            t1 = t1.index_fill(0, _h2d(full, torch.long, x.device), 1.0)
+        groups, rest = [], plan.sampled
+        if cpu and any(plan.bound[i] for i in rest):
+            smooth = plan.smooth * _h2d([i in late for i in range(B)], torch.float32, x.device)
+            groups, rest = _candidate_groups(x, t1, smooth, plan, self._buffer("tmp", B, V, x.device))
+        if rest:
+            sl = plan.index(rest)
+            xr = self._rows(x, sl, "rest")
+            back = [r for r, i in enumerate(rest) if i in late]  # left candidate space unsmoothed
+            if back:
+                k, rows = _h2d(back, torch.long, x.device), _h2d([rest[r] for r in back], torch.long, x.device)
+                xb = xr[k]
+                xr[k] = _smooth_(xb, xb.amax(-1, keepdim=True), plan.smooth[rows, None], t1[rows, None])
+                t1 = t1.index_fill(0, rows, 1.0)
+            if plan.any_t1:
+                xr.div_(t1[sl, None])
+            if any(plan.first[i] for i in rest):
+                xr, _ = _truncate(xr, plan, sl)
+            groups.append(_Group(rest, sl, xr, None, [V] * len(rest)))
+        for g in groups:
+            _finish(g, plan, seqs)
+        return groups
+
+
+def _smooth_(x: torch.Tensor, top, s, t) -> torch.Tensor:
+    """(top - s (x - top)^2) / t, in place; top, s and t broadcast against x."""
+    return x.sub_(top).square_().mul_(-s / t).add_(top / t)
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) (the first maximum); on the CPU through block maxima, as its argmax is ~10x slower than amax."""
+    if x.device.type not in CPU_DEVICES:
+        return x.argmax(-1)
+    B, V = x.shape
+    G = min(_BLOCK, V)
+    block = _block_max(x, G).argmax(-1)
+    cols = block[:, None] * G + torch.arange(G, device=x.device)
+    vals = x.gather(1, cols.clamp(max=V - 1)).masked_fill(cols >= V, _NEG_INF)
+    return cols.gather(1, vals.argmax(-1, keepdim=True)).squeeze(1)
+
+
+def _block_max(x: torch.Tensor, G: int) -> torch.Tensor:
+    """(B, ceil(V / G)) max of each run of G columns (the last run may be shorter)."""
+    B, V = x.shape
+    n = V // G
+    m = x.unfold(1, G, G).amax(-1)
+    return m if n * G == V else torch.cat([m, x[:, n * G:].amax(-1, keepdim=True)], 1)
 
 
 def _histories(seqs, plan: _Plan, dev) -> torch.Tensor:
@@ -333,69 +449,212 @@ def _histories(seqs, plan: _Plan, dev) -> torch.Tensor:
     return pad_sequence(rows, batch_first=True, padding_value=-1, padding_side="left")
 
 
-def _penalties(x, hist, plan: _Plan, seqs) -> torch.Tensor:
-    """Penalise the history tokens' logits: computed at the (B, L) history positions and scattered back (a token
-    seen twice gets the same value written twice)."""
+def _per_token(zeros: torch.Tensor, ids: torch.Tensor, src: torch.Tensor, reduce: str) -> torch.Tensor:
+    """(B, L) -> (B, L): src reduced ("sum" or "amax", src >= 0) over each row's positions holding the same id."""
+    try:
+        zeros.scatter_reduce_(1, ids, src, reduce)
+        return zeros.gather(1, ids)
+    finally:
+        zeros.scatter_(1, ids, 0.0)
+
+
+def _penalties(seen, hist, ids, plan: _Plan, seqs, zeros) -> torch.Tensor:
+    """(B, L) the history positions' logits `seen` after the repetition, frequency and presence penalties."""
     B, L = hist.shape
-    if L == 0:
-        return x
     valid = hist >= 0
-    ids = hist.clamp(min=0)
-    dist = torch.arange(L - 1, -1, -1, device=x.device, dtype=torch.float32)  # tokens back from the newest
-    seen = x.gather(1, ids)  # (B, L)
+    dist = torch.arange(L - 1, -1, -1, device=seen.device, dtype=torch.float32)  # tokens back from the newest
     if plan.any_rep:
         # full penalty within the range, fading linearly over the decay tokens before it
         r, d = plan.rep_range[:, None], plan.rep_decay[:, None]
-        w = ((r + d - dist) / (d + 1)).clamp(0, 1) * valid
-        w = torch.zeros_like(x).scatter_reduce_(1, ids, w, "amax").gather(1, ids)  # at the newest occurrence
+        w = _per_token(zeros, ids, ((r + d - dist) / (d + 1)).clamp(0, 1) * valid, "amax")  # at the newest occurrence
         pen = 1 + (plan.rep[:, None] - 1) * w
         seen = torch.where(seen > 0, seen / pen, seen * pen)
     if plan.any_fp:
-        n_out = _h2d([len(s.output_ids) for s in seqs], torch.float32, x.device)
-        out = (valid & (dist < n_out[:, None])).float()
-        count = torch.zeros_like(x).scatter_add_(1, ids, out).gather(1, ids)
+        n_out = _h2d([len(s.output_ids) for s in seqs], torch.float32, seen.device)
+        count = _per_token(zeros, ids, (valid & (dist < n_out[:, None])).float(), "sum")
         seen = seen - plan.freq[:, None] * count - plan.pres[:, None] * (count > 0)
-    return x.scatter(1, ids, seen)
+    return seen
 
 
-def _dry(x, hist, plan: _Plan) -> torch.Tensor:
-    """Subtract mult * base ** (n - allowed) from each token that would extend an n-token repeat, n >= allowed."""
+def _dry(hist, ids, plan: _Plan, zeros) -> torch.Tensor:
+    """(B, L) DRY's penalty at each history position: mult * base ** (n - allowed) for a token that would extend an
+    n-token repeat of the recent context, n >= allowed."""
     B, L = hist.shape
-    if L < 2:
-        return x
     K = min(DRY_MAX_MATCH, L)
-    dist = torch.arange(L - 1, -1, -1, device=x.device)
+    dev = hist.device
+    dist = torch.arange(L - 1, -1, -1, device=dev)
     h = hist.masked_fill((dist >= plan.dry_range[:, None]) | (plan.dry_mult[:, None] == 0), -1)
-    ids = h.clamp(min=0)
     brk = plan.breakers.gather(1, ids) & (h >= 0)
     ref = h.masked_fill(brk | (h < 0), -2)[:, L - K:]  # the newest K tokens; breakers and padding match nothing
-    padded = torch.cat([h.new_full((B, K), -1), h], 1)
-    windows = padded.unfold(1, K, 1)[:, :L]  # (B, L, K): windows[:, i] = the K tokens before position i
-    same = (windows == ref[:, None, :]).flip(-1)  # (B, L, K), k = 0 compares the newest token
-    run = torch.where(same.all(-1), K, (~same).to(torch.uint8).argmax(-1))  # (B, L) repeat length before i
-    run = run.masked_fill(brk | (h < 0), 0).float()
-    n = torch.zeros_like(x).scatter_reduce_(1, ids, run, "amax").gather(1, ids)  # longest repeat each token extends
-    allowed = plan.dry_allowed[:, None]
-    pen = torch.where(n >= allowed, plan.dry_mult[:, None] * plan.dry_base[:, None] ** (n - allowed).clamp(min=0), 0.0)
-    return x.scatter(1, ids, x.gather(1, ids) - pen)
+    windows = torch.cat([h.new_full((B, K), -1), h], 1).unfold(1, K, 1)[:, :L]  # (B, L, K): the K tokens before i
+    if dev.type in CPU_DEVICES:  # compare only where the previous token is the newest: few positions
+        b, i = (windows[:, :, -1] == ref[:, -1:]).nonzero(as_tuple=True)
+        same = (windows[b, i] == ref[b]).flip(-1)  # (n, K), column k: k + 1 tokens back
+    else:
+        same = (windows == ref[:, None, :]).flip(-1)  # (B, L, K)
+    run = torch.where(same.all(-1), K, (~same).to(torch.uint8).argmax(-1))  # repeat length before each position
+    if dev.type in CPU_DEVICES:
+        run = torch.zeros(B, L, dtype=torch.long, device=dev).index_put_((b, i), run)
+    n = _per_token(zeros, ids, run.masked_fill(brk | (h < 0), 0).float(), "amax")  # longest repeat each extends
+    over = n - plan.dry_allowed[:, None]
+    return torch.where(over >= 0, plan.dry_mult[:, None] * torch.exp(over * plan.dry_base[:, None].log()), 0.0)
 
 
-def _truncate(x, filters: dict) -> torch.Tensor:
-    """Top-k, top-p, top-a, min-p, tfs and typical, in that order, in descending-sorted space."""
-    vals, order = x.sort(-1, descending=True)
-    p = torch.softmax(vals, -1)
+def _candidate_groups(x, t1, smooth, plan: _Plan, tmp) -> tuple[list[_Group], list[int]]:
+    """Truncate the sampled rows that have a bounding filter (plan.bound) in candidate space (module docstring); x
+    (B, V) is still to be smoothed by smooth (B,) where > 0, and divided by t1 (B,). Returns the truncated groups and
+    the rows left for the full space."""
+    B, V = x.shape
+    dev = x.device
+    pending = [i for i in plan.sampled if plan.bound[i]]
+    rest = [i for i in plan.sampled if not plan.bound[i]]
+    lse = entropy = None
+    whole = [i for i in pending if plan.first[i] in ("top_p", "top_a", "typical_p")]
+    if whole:  # top_p, top_a and typical first: mass and entropy of x / t1 over the whole vocabulary
+        sl = plan.index(whole)
+        lse, entropy = torch.full((2, B), math.nan, device=dev).unbind(0)
+        xw = x if isinstance(sl, slice) else x[sl]
+        top, t = xw.amax(-1, keepdim=True), t1[sl, None]
+        p = torch.sub(xw, top, out=tmp[:len(whole)]).div_(t).exp_()
+        total = p.sum(-1, keepdim=True)
+        lse[sl] = (top / t + total.log()).squeeze(1)
+        if any(plan.first[i] == "typical_p" for i in whole):
+            entropy[sl] = -p.div_(total).xlogy_(p).sum(-1)
+    groups = []
+    blocks = {}  # block size -> (B, nb) block maxima
+    for G, K, cap in _TIERS:
+        if not pending:
+            break
+        G = min(G, 1 << V.bit_length() - 1)
+        if G not in blocks:
+            blocks[G] = _block_max(x, G)
+        sl = plan.index(pending)
+        bm, t, s = blocks[G][sl], t1[sl], smooth[sl]  # (R, nb), (R,), (R,)
+        xmax = bm.amax(-1)
+        nb = bm.shape[1]
+        ks = [plan.top_k[i] if plan.bound[i] == "top_k" else min(K, nb) if plan.bound[i] in ("top_p", "typical_p")
+              else 0 for i in pending]  # blocks at or above tau (top_k: k of them, or every finite token)
+        tau = _kth_largest(bm, ks)
+        bounds = {plan.bound[i] for i in pending}
+        if "min_p" in bounds:  # p >= min_p * p_max: log(min_p) below the top after smoothing and temperature
+            log_p = t * plan.filters["min_p"][0][sl].log()
+            drop = torch.where(s > 0, -(-log_p / s.clamp(min=1e-30)).sqrt(), log_p)
+            tau = torch.where(plan.bound_on["min_p"][sl], xmax + drop, tau)
+        if "top_a" in bounds:  # p >= top_a * p_max ** 2
+            tau = torch.where(plan.bound_on["top_a"][sl], t * (plan.filters["top_a"][0][sl].log() - lse[sl]) + 2 * xmax,
+                              tau)
+        # lower tau a little, so that the survivors lie strictly above it (_truncate checks) despite rounding
+        tau = tau - 1e-4 * (1 + xmax.abs() + tau.abs())
+        sel, vals, ids, counts = _gather(x, pending, bm, tau, G, cap)
+        rest += [i for i, c in zip(pending, counts) if not 0 < c <= cap]
+        rows, pending = [pending[r] for r in sel], []
+        if not rows:
+            break
+        sl, j = plan.index(rows), _h2d(sel, torch.long, dev)
+        top, t, s, tau = xmax[j, None], t[j, None], s[j, None], tau[j, None]
+        y, tau_y = vals / t, tau / t  # the candidates and tau, smoothed and divided alike
+        if (s > 0).any():
+            y = torch.where(s > 0, _smooth_(vals, top, s, t), y)
+            tau_y = torch.where(s > 0, _smooth_(tau, top, s, t), tau_y)
+        x_c, ok = _truncate(y, plan, sl, is_sorted=True, lse=None if lse is None else lse[sl],
+                            entropy=None if entropy is None else entropy[sl], tau=tau_y.squeeze(1))
+        ok = ok.tolist()
+        good = [r for r, o in enumerate(ok) if o]
+        if good:
+            ids = ids[:, :x_c.shape[1]]
+            n = (x_c > _NEG_INF).flip(-1).to(torch.uint8).argmax(-1)  # -inf columns after each row's last survivor
+            if len(good) < len(rows):
+                k = _h2d(good, torch.long, dev)
+                x_c, ids, n = x_c[k], ids[k], n[k]
+            rows_ok = [rows[r] for r in good]
+            groups.append(_Group(rows_ok, plan.index(rows_ok), x_c, ids, (x_c.shape[1] - n).tolist()))
+        pending = [rows[r] for r, o in enumerate(ok) if not o]
+    return groups, sorted(rest + pending)
+
+
+def _kth_largest(t: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    """(R,) the ks[r]-th largest value of each row of t (R, n); -inf where ks[r] is 0 or above n."""
+    R, n = t.shape
+    kmax = min(max(ks), n)
+    if kmax == 0:
+        return torch.full((R,), _NEG_INF, device=t.device)
+    if len(set(ks)) == 1:
+        kth = t.topk(kmax, -1, sorted=False).values.amin(-1)
+    else:
+        k = _h2d([min(max(k, 1), kmax) - 1 for k in ks], torch.long, t.device)
+        kth = t.topk(kmax, -1).values.gather(1, k[:, None]).squeeze(1)
+    k = _h2d(ks, torch.long, t.device)
+    return kth.masked_fill((k == 0) | (k > n), _NEG_INF)
+
+
+def _gather(y, rows: list[int], blocks, tau, G: int, cap: int):
+    """Each of `rows`' finite tokens with logit >= tau, from its blocks (R, nb) whose maximum reaches tau.
+
+    Returns the indices into rows kept (1..cap candidates), their candidates (R', C) sorted descending (ties in id
+    order, -inf padding on the right) with token ids, and every row's count."""
+    B, V = y.shape
+    R = len(rows)
+    dev = y.device
+    if V % G:  # whole blocks: pad the short last one with -inf
+        y = torch.nn.functional.pad(y, (0, G - V % G), value=_NEG_INF)
+    tau = tau.clamp(min=torch.finfo(y.dtype).min)  # tau = -inf takes every finite token
+    r, b = (blocks >= tau[:, None]).nonzero(as_tuple=True)
+    nb = blocks.shape[1]
+    vals = y.view(-1, G).index_select(0, _h2d(rows, torch.long, dev)[r] * nb + b)  # (n, G)
+    k = (vals >= tau[r, None]).view(-1).nonzero().squeeze(1)  # row-major: ids ascending within each row
+    i = k >> G.bit_length() - 1  # G is a power of two: k // G, without the CPU's slow integer division
+    r, cols, vals = r[i], b[i] * G + (k & G - 1), vals.view(-1)[k]
+    counts = torch.bincount(r, minlength=R)
+    pos = torch.arange(r.numel(), device=dev) - (counts.cumsum(0) - counts)[r]
+    counts = counts.tolist()
+    sel = [i for i, c in enumerate(counts) if 0 < c <= cap]
+    if not sel:
+        return sel, None, None, counts
+    if len(sel) < R:
+        new_row = torch.full((R,), -1, dtype=torch.long, device=dev)
+        new_row[_h2d(sel, torch.long, dev)] = torch.arange(len(sel), device=dev)
+        r = new_row[r]
+        k = (r >= 0).nonzero().squeeze(1)
+        r, pos, cols, vals = r[k], pos[k], cols[k], vals[k]
+    C = max(counts[i] for i in sel)
+    out = torch.full((len(sel), C), _NEG_INF, device=dev).index_put_((r, pos), vals)
+    ids = torch.zeros(len(sel), C, dtype=torch.long, device=dev).index_put_((r, pos), cols)
+    out, order = out.sort(dim=-1, descending=True, stable=True)
+    return sel, out, ids.gather(1, order), counts
+
+
+def _truncate(x, plan: _Plan, sl, is_sorted=False, lse=None, entropy=None, tau=None):
+    """Top-k, top-p, top-a, min-p, tfs and typical, in that order, in descending-sorted space; -inf where dropped.
+
+    In candidate space (tau: every token outside has a logit <= tau) a row's first filter measures mass (top_p,
+    top_a) and entropy (typical) against the whole vocabulary: lse and entropy (NaN in rows that do not need them).
+    Returns the truncated x and, per row, whether its bounding filter (plan.bound) kept only candidates, strictly
+    above tau, so that no token outside could have been kept or tied (None outside candidate space)."""
+    vals, order = (x, None) if is_sorted else x.sort(-1, descending=True)
+    R, C = vals.shape
+    if tau is None:
+        p = torch.softmax(vals, -1)
+    else:  # p against the whole vocabulary where lse is given, else against the candidates
+        own = torch.logsumexp(vals, -1)
+        lse = own if lse is None else torch.where(torch.isnan(lse), own, lse)
+        p = torch.exp(vals - lse[:, None])
     keep = torch.ones_like(p, dtype=torch.bool)
-    V = x.shape[-1]
+    ok = None if tau is None else torch.ones(R, 1, dtype=torch.bool, device=x.device)
+    bound = {} if tau is None else {n: b[sl][:, None] for n, b in plan.bound_on.items()}
+    first = torch.ones(R, 1, dtype=torch.bool, device=x.device)  # no filter has acted on the row yet
 
     def at(t, n):  # t[row, n - 1]: the last kept value when keeping n
-        return t.gather(1, (n - 1).clamp(0, V - 1))
+        return t.gather(1, (n - 1).clamp(0, C - 1))
 
     def exclusive_cumsum(t):
         return torch.cat([torch.zeros_like(t[:, :1]), t.cumsum(-1)[:, :-1]], 1)
 
-    last = list(filters)[-1]
-    for name, (value, on, all_on) in filters.items():
-        v = value[:, None]
+    last = list(plan.filters)[-1]
+    for name, (value, on, all_on) in plan.filters.items():
+        if tau is not None and name != "typical_p":  # survivors so far are a prefix: drop the columns after them
+            C = int(keep.sum(-1).max())
+            vals, p, keep = vals[:, :C], p[:, :C], keep[:, :C]
+        v, on = value[sl][:, None], on[sl][:, None]
         if name == "top_k":
             k = at(vals, v) <= vals
         elif name == "top_p":
@@ -405,11 +664,11 @@ def _truncate(x, filters: dict) -> torch.Tensor:
         elif name == "min_p":
             k = p >= v * p[:, :1]
         elif name == "tfs":
-            if V < 3:
+            if C < 3:
                 continue
             # normalised |2nd difference| of the sorted probs; keep 1 + the count whose cumsum stays <= tfs
             n = (p > 0).sum(-1, keepdim=True)
-            i = torch.arange(V - 2, device=x.device)
+            i = torch.arange(C - 2, device=x.device)
             d = (p[:, :-2] - 2 * p[:, 1:-1] + p[:, 2:]).abs() * (i < n - 2)
             total = d.sum(-1, keepdim=True)
             cum = d.cumsum(-1) / total.clamp(min=1e-30)
@@ -417,38 +676,78 @@ def _truncate(x, filters: dict) -> torch.Tensor:
             k = (p >= at(p, cnt)) | (n < 3)
         else:  # typical: keep tokens closest to the entropy until their mass reaches typical_p
             logp = torch.log(p)
-            entropy = -torch.special.xlogy(p, p).sum(-1, keepdim=True)
-            dev = (-logp - entropy).abs()
+            h = -torch.special.xlogy(p, p).sum(-1, keepdim=True)
+            if entropy is not None:
+                h = torch.where(first & ~torch.isnan(entropy[:, None]), entropy[:, None], h)
+            dev = (-logp - h).abs()
             dev_sorted, by_dev = dev.sort(-1)
-            n = (exclusive_cumsum(p.gather(1, by_dev)) < v).sum(-1, keepdim=True)
-            k = dev <= at(dev_sorted, n)
-        keep &= k if all_on else k | ~on[:, None]
-        if name != last:
-            p = p * keep
-            p = p / p.sum(-1, keepdim=True)
-    keep = torch.zeros_like(keep).scatter_(1, order, keep)
-    return x.masked_fill(~keep, _NEG_INF)
+            thr = at(dev_sorted, (exclusive_cumsum(p.gather(1, by_dev)) < v).sum(-1, keepdim=True))
+            k = dev <= thr
+        if name in bound:
+            if name == "typical_p":  # the mass is reached, and every token outside (p <= e^(tau - lse)) is further
+                sure = (p.sum(-1, keepdim=True) >= v) & (thr < (lse - tau)[:, None] - h)
+            else:  # every survivor lies above every token outside; top_p: the candidates hold the mass it keeps
+                sure = vals.masked_fill(~(keep & k), math.inf).amin(-1, keepdim=True) > tau[:, None]
+                if name == "top_p":
+                    sure &= p.sum(-1, keepdim=True) >= v
+            ok &= ~bound[name] | sure
+        keep &= k if all_on else k | ~on
+        first &= ~on
+        if name != last:  # rows no filter has acted on keep their whole-vocabulary normalisation
+            p = torch.where(first, p, p * keep / (p * keep).sum(-1, keepdim=True))
+    if order is not None:
+        return x.masked_fill(~torch.zeros_like(keep).scatter_(1, order, keep), _NEG_INF), None
+    return vals.masked_fill(~keep, _NEG_INF), None if ok is None else ok.squeeze(1) | (tau == _NEG_INF)
 
 
-def _dynamic_temperature(x, plan: _Plan) -> torch.Tensor:
-    """(B,) min + (max - min) * (H / log n) ** exponent over the n tokens still possible."""
+def _finish(g: _Group, plan: _Plan, seqs) -> None:
+    """Steps 7-10 on a truncated group: sets g.probs (and g.miro_probs, g.mu for mirostat)."""
+    x, sl = g.x, g.sl
+    if plan.any_t2:
+        t2 = plan.t2[sl]
+        if plan.any_dyn:
+            t2 = torch.where(plan.dyn[sl], _dynamic_temperature(x, plan, sl), t2)
+        x = x.div_(t2[:, None])
+    if plan.xtc_rows.intersection(g.rows):
+        x = _xtc(x, plan, seqs, g)
+    miro = plan.miro_rows.intersection(g.rows)
+    if miro:
+        g.mu = torch.stack([seqs[i].mirostat_mu if i in miro else plan.tau[0] for i in g.rows])
+        p = torch.softmax(x, -1)
+        keep = (p >= torch.exp2(-g.mu)[:, None]) | (p >= p.amax(-1, keepdim=True)) | ~plan.miro_on[sl, None]
+        x = x.masked_fill(~keep, _NEG_INF)
+    if x.device.type in CPU_DEVICES:  # softmax in place (g owns x): no fresh (R, C) tensor to fault in
+        g.probs = x.sub_(x.amax(-1, keepdim=True)).exp_()
+        g.probs.div_(g.probs.sum(-1, keepdim=True))
+    else:
+        g.probs = torch.softmax(x, -1)
+    if miro:
+        g.miro_probs = g.probs
+    if plan.skew_rows.intersection(g.rows):
+        g.probs = torch.where(plan.skew_on[sl, None], _skew(g.probs, plan.skew_exp[sl]), g.probs)
+
+
+def _dynamic_temperature(x, plan: _Plan, sl) -> torch.Tensor:
+    """(R,) min + (max - min) * (H / log n) ** exponent over the n tokens still possible."""
     p = torch.softmax(x, -1)
     entropy = -torch.special.xlogy(p, p).sum(-1)
     n = (x > _NEG_INF).sum(-1)
     max_entropy = torch.where(n > 1, torch.log(n.float()), 1.0)
     h = (entropy / max_entropy).clamp(0, 1)
-    t = plan.dyn_min + (plan.dyn_max - plan.dyn_min) * h ** plan.dyn_exp
+    t = plan.dyn_min[sl] + (plan.dyn_max[sl] - plan.dyn_min[sl]) * h ** plan.dyn_exp[sl]
     return t.clamp(min=_MIN_TEMP)
 
 
-def _xtc(x, plan: _Plan, seqs) -> torch.Tensor:
+def _xtc(x, plan: _Plan, seqs, g: _Group) -> torch.Tensor:
     # one coin per XTC row per step, from the row's own generator when seeded (drawn before the row's noise)
-    one = torch.ones(1, device=x.device)
-    coins = [torch.rand(1, device=x.device, generator=seqs[i].generator) if i in plan.xtc_rows else one
-             for i in range(plan.B)]
-    fire = torch.cat(coins) < plan.xtc_prob
+    coins = torch.rand(len(g.rows), device=x.device)
+    own = [(r, seqs[i].generator) for r, i in enumerate(g.rows) if i in plan.xtc_rows and seqs[i].generator]
+    if own:
+        coins[_h2d([r for r, _ in own], torch.long, x.device)] = torch.cat(
+            [torch.rand(1, device=x.device, generator=gen) for _, gen in own])
+    fire = coins < plan.xtc_prob[g.sl]  # xtc_prob is 0 in rows without XTC
     p = torch.softmax(x, -1)
-    above = p >= plan.xtc_thr[:, None]
+    above = p >= plan.xtc_thr[g.sl, None]
     least = p.masked_fill(~above, math.inf).amin(-1, keepdim=True)
     drop = above & (p > least) & (above.sum(-1, keepdim=True) >= 2) & fire[:, None]
     return x.masked_fill(drop, _NEG_INF)
@@ -460,7 +759,7 @@ def _skew(probs, exponent) -> torch.Tensor:
     ps = ps / ps.sum(-1, keepdim=True)
     cdf = ps.cumsum(-1)
     new_group = torch.cat([torch.zeros_like(ps[:, :1]), (ps[:, 1:] != ps[:, :-1]).float()], 1)
-    group = new_group.cumsum(-1).long()  # (B, V) index of each token's tie group
+    group = new_group.cumsum(-1).long()  # (R, C) index of each token's tie group
     hi = torch.zeros_like(ps).scatter_reduce_(1, group, cdf, "amax").clamp(0, 1)
     lo = torch.ones_like(ps).scatter_reduce_(1, group, cdf - ps, "amin").clamp(0, 1)
     size = torch.zeros_like(ps).scatter_add_(1, group, torch.ones_like(ps))
@@ -469,11 +768,64 @@ def _skew(probs, exponent) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(1, order, mass.gather(1, group))
 
 
-def _draw(probs, plan: _Plan, seqs) -> torch.Tensor:
-    """argmax(p / q), q ~ Exponential(1): an exact draw from p without a host sync."""
-    q = torch.empty_like(probs)
-    if plan.any_unseeded:
+def _draw(g: _Group, plan: _Plan, seqs, buffer) -> torch.Tensor:
+    """(R,) column drawn from each row of g.probs without a host sync: argmax(p / q), q ~ Exponential(1), a seeded row
+    drawing its q over its g.n columns from its own generator (so its draw does not depend on its batch). On the CPU,
+    where each random number costs ~20 ns, unseeded rows draw by inverse cdf with one uniform each instead."""
+    probs = g.probs
+    R, C = probs.shape
+    dev = probs.device
+    own = [(r, seqs[i].generator) for r, i in enumerate(g.rows) if i in plan.seeded_rows]
+    cpu = dev.type in CPU_DEVICES
+    if cpu and len(own) < R:
+        cols = _inverse_cdf(probs, torch.rand(R, 1, device=dev))
+        if not own:
+            return cols
+    every = not cpu or len(own) == R  # else the seeded rows only
+    if not every:
+        j = _h2d([r for r, _ in own], torch.long, dev)
+        probs = probs[j]
+    q = buffer("noise", probs.shape[0], C, dev) if C == plan.vocab else torch.empty_like(probs)
+    if len(own) < R and every:
         q.exponential_()
-    for i in plan.seeded_rows:  # one noise row per generator, so a row's draw does not depend on its batch
-        q[i].exponential_(generator=seqs[i].generator)
-    return (probs / q.clamp(min=1e-30)).argmax(-1)
+    for k, (r, gen) in enumerate(own):
+        row = q[r if every else k]
+        if g.n[r] < C:
+            row[g.n[r]:] = 1.0  # where p = 0
+            row = row[:g.n[r]]
+        row.exponential_(generator=gen)
+    race = _argmax(torch.div(probs, q.clamp_(min=1e-30), out=q))
+    if every:
+        return race
+    cols[j] = race
+    return cols
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(R,) the column where each row's cdf first exceeds u (R, 1) * total: a block of _BLOCK columns through the
+    cdf of block sums, then the column in the block; never a column with p = 0."""
+    R, C = probs.shape
+    G = _BLOCK if C % _BLOCK == 0 else C
+    blocks = probs.view(R, -1, G)
+    sums = blocks.sum(-1)  # (R, nb)
+    cdf = sums.cumsum(-1)
+    total = cdf[:, -1:]
+    u = torch.minimum(u * total, total.nextafter(torch.zeros_like(total)))  # u < total: a block with mass
+    b = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)  # the clamps only act on NaN rows
+    inner = blocks.gather(1, b[:, :, None].expand(R, 1, G)).squeeze(1).cumsum(-1)  # (R, G)
+    u = (u - cdf.gather(1, b) + sums.gather(1, b)).clamp(min=0)  # what is left to pass inside the block
+    u = torch.minimum(u, inner[:, -1:].nextafter(torch.zeros_like(u)))
+    return (b * G + torch.searchsorted(inner, u, right=True).clamp_(max=G - 1)).squeeze(1)
+
+
+def _logprobs(g: _Group, cols, n_top: int, V: int):
+    """Logprob of each row's drawn column, and the n_top largest (logprobs, token ids)."""
+    lp = g.probs.gather(1, cols[:, None]).squeeze(1).log()
+    if not n_top:
+        return lp, None
+    if g.probs.shape[-1] < n_top:  # fewer candidates than asked for: the rest are -inf, as in the full vocabulary
+        probs = torch.zeros(len(g.rows), V, device=lp.device).scatter_add_(1, g.ids, g.probs)  # padding adds 0
+        top, ids = probs.topk(n_top, dim=-1)
+        return lp, (top.log(), ids)
+    top, j = g.probs.topk(n_top, dim=-1)
+    return lp, (top.log(), j if g.ids is None else g.ids.gather(1, j))
