@@ -194,9 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--peers", action="store_true", help="also run HF transformers fp32 in the same run (if installed)")
     b.set_defaults(func=cmd_bench)
 
+    from .batch import add_batch_parser
     from .chat_cli import add_chat_commands
 
     add_chat_commands(sub, common)
+    add_batch_parser(sub, common)
     return p
 
 
