@@ -90,6 +90,7 @@ def main():
     ap.add_argument("--hf-batch", type=int, default=16, help="0: skip transformers")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kv-cache-memory", default="1GiB")
+    ap.add_argument("--max-batched-tokens", type=int, default=512, help="tokens per engine step (chunked prefill)")
     ap.add_argument("--data", type=Path)
     ap.add_argument("--write", type=Path, help="also write the results as markdown to this file")
     args = ap.parse_args()
@@ -99,7 +100,7 @@ def main():
     prompts = load_prompts(llm, args.data, args.prompts, args.min_prompt_tokens, args.max_prompt_tokens)
     lens = sorted(len(p) for p in prompts)
     engine = LLMEngine(llm, kv_cache_memory=args.kv_cache_memory, max_num_seqs=max(args.concurrency),
-                       max_num_batched_tokens=max(512, max(args.concurrency)))
+                       max_num_batched_tokens=max(args.max_batched_tokens, max(args.concurrency)))
     head = (f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
             f"Python {platform.python_version()}, {datetime.date.today()}\n"
             f"model {llm.loaded.path.name} (fp32 compute); {len(prompts)} wikitext-2 test lines, prompt tokens "

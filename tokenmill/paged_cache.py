@@ -149,8 +149,11 @@ class PagedKVView:
             outs.append(out.reshape(B, H, D).transpose(0, 1)[None])  # (1, H, B, D)
         for off, n, start, blocks in self._chunks:
             end = start + n
-            keys = K.index_select(0, blocks).view(1, -1, KV, D)[:, :end].transpose(1, 2)  # (1, KV, end, D)
-            values = V.index_select(0, blocks).view(1, -1, KV, D)[:, :end].transpose(1, 2)
+            if start == 0:  # nothing cached before the chunk: its keys are the new ones
+                keys, values = k[:, :, off : off + n], v[:, :, off : off + n]
+            else:
+                keys = K.index_select(0, blocks).view(1, -1, KV, D)[:, :end].transpose(1, 2)  # (1, KV, end, D)
+                values = V.index_select(0, blocks).view(1, -1, KV, D)[:, :end].transpose(1, 2)
             mask = self._chunk_mask(off, n, start, window)
             outs.append(F.scaled_dot_product_attention(
                 q[:, :, off : off + n], keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa))
