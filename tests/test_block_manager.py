@@ -2,8 +2,6 @@
 (FCFS, chunked prefill, preemption, requests that never fit), on counts alone: no model, no tensors."""
 from types import SimpleNamespace
 
-import pytest
-
 from tokenmill.block_manager import BlockManager, block_keys
 from tokenmill.scheduler import Request, Scheduler
 

@@ -117,7 +117,8 @@ def test_common_system_prompt_is_prefilled_once(llm):
     assert computed <= common + sum(len(x) - common + shared.blocks.block_size for x in ids)
     assert computed < total / 4
     assert sum(o.metrics.cached_tokens for o in done.values()) == total - computed
-    assert done[0].metrics.cached_tokens == 0 and all(done[i].metrics.cached_tokens >= common - 16 for i in range(1, 32))
+    assert done[0].metrics.cached_tokens == 0
+    assert all(done[i].metrics.cached_tokens >= common - 16 for i in range(1, 32))
     assert [done[i].completion.token_ids for i in range(32)] == want
     assert shared.stats().prefix_cache_hit_rate > 0.75
 
@@ -160,7 +161,8 @@ def test_metrics_and_gauges(llm):
         engine.add_request(p, SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True))
     engine.step()
     st = engine.stats()
-    assert st.running == 2 and st.waiting == 1 and st.blocks_used == 2 and st.blocks_used + st.blocks_free == st.num_blocks
+    assert st.running == 2 and st.waiting == 1 and st.blocks_used == 2
+    assert st.blocks_used + st.blocks_free == st.num_blocks
     final = []
     while engine.has_unfinished():
         final += [o for o in engine.step() if o.finished]
@@ -250,7 +252,8 @@ def test_no_leaks_after_1000_requests_with_random_aborts_from_another_thread(tin
 
     def submit():
         for i in range(1000):
-            ids = rng.choice(prefixes)[: rng.randrange(1, 24)] + [rng.randrange(100, 40000) for _ in range(rng.randrange(3))]
+            ids = rng.choice(prefixes)[: rng.randrange(1, 24)]
+            ids += [rng.randrange(100, 40000) for _ in range(rng.randrange(3))]
             params = SamplingParams(max_new_tokens=rng.randrange(1, 9), temperature=rng.choice([0.0, 1.0]),
                                     stop=["e"] if i % 7 == 0 else [])
             submitted.append(engine.add_request(ids, params))

@@ -45,7 +45,8 @@ def add_batch_parser(subparsers, common) -> argparse.ArgumentParser:
     b.add_argument("--max-concurrency", type=_positive_int, default=32, help="requests running at once (default 32)")
     b.add_argument("--max-batched-tokens", type=_positive_int, default=512,
                    help="tokens per forward pass; longer prompts prefill in chunks (default 512)")
-    b.add_argument("--kv-cache-memory", help="KV cache size, e.g. 2GiB (default: a quarter of free RAM, at most 1 GiB; GPU: half the free memory)")
+    b.add_argument("--kv-cache-memory",
+                   help="KV cache size, e.g. 2GiB (default: 1/4 of free RAM up to 1 GiB; GPU: half of free memory)")
     b.add_argument("--strict", action="store_true", help="stop at the first malformed input line")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     common(b)
@@ -203,11 +204,12 @@ def cmd_batch(args) -> int:
 
 def _run(args, todo: list[Item], out) -> str:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     from .engine import LLMEngine
 
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     llm = _load_llm(args)
     engine = LLMEngine(llm, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_concurrency,
                        max_num_batched_tokens=max(args.max_batched_tokens, args.max_concurrency))
@@ -216,8 +218,8 @@ def _run(args, todo: list[Item], out) -> str:
     t0 = time.perf_counter()
     prompt_tok = cached_tok = gen_tok = errors = 0
     latencies, ttfts = [], []
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=err,
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=err,
                         disable=args.no_progress or not err.is_terminal)
 
     def write(item: Item, res) -> None:
@@ -228,7 +230,8 @@ def _run(args, todo: list[Item], out) -> str:
             errors += 1
         else:
             m = res.metrics
-            prompt_tok, cached_tok, gen_tok = prompt_tok + m.prompt_tokens, cached_tok + m.cached_tokens, gen_tok + m.generated_tokens
+            prompt_tok, cached_tok = prompt_tok + m.prompt_tokens, cached_tok + m.cached_tokens
+            gen_tok += m.generated_tokens
             latencies.append(m.latency_seconds)
             ttfts.append(m.ttft_seconds)
 
@@ -264,8 +267,9 @@ def _run(args, todo: list[Item], out) -> str:
         raise
     wall = time.perf_counter() - t0
     done = len(todo) - errors
-    return (f"batch: {done} requests done, {errors} failed, in {wall:.1f} s | prompt {prompt_tok} tok ({cached_tok} cached), "
-            f"{(prompt_tok - cached_tok) / wall:.1f} tok/s | generated {gen_tok} tok, {gen_tok / wall:.1f} tok/s | "
+    return (f"batch: {done} requests done, {errors} failed, in {wall:.1f} s | "
+            f"prompt {prompt_tok} tok ({cached_tok} cached), {(prompt_tok - cached_tok) / wall:.1f} tok/s | "
+            f"generated {gen_tok} tok, {gen_tok / wall:.1f} tok/s | "
             f"latency p50 {_percentile(latencies, 50):.2f} s, p95 {_percentile(latencies, 95):.2f} s | "
             f"time to first token p50 {_percentile(ttfts, 50):.2f} s")
 

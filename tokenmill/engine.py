@@ -103,11 +103,12 @@ class LLMEngine:
         useful = max_num_seqs * -(-llm.context_length // block_size)  # every request at full context
         num_blocks = min(memory // per_block, useful)
         if num_blocks < 1:
-            raise InvalidRequestError(f"KV cache memory must hold at least one block of {per_block} bytes, got {memory}")
+            raise InvalidRequestError(
+                f"KV cache memory must hold at least one block of {per_block} bytes, got {memory}")
         self.cache = self.runner.new_paged_cache(num_blocks, block_size)
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                   max_model_len=llm.context_length)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs,
+                                   max_num_batched_tokens=max_num_batched_tokens, max_model_len=llm.context_length)
         self.sampler = Sampler(cfg.vocab_size)
         self._lock = threading.Lock()
         self._inbox: list[Request] = []
@@ -126,16 +127,17 @@ class LLMEngine:
         """Token ids for text, chat messages or token ids (checked against the vocabulary)."""
         if isinstance(prompt, list) and not prompt:
             raise InvalidRequestError("prompt is empty; give text, token ids or chat messages")
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            bad = [t for t in prompt if not 0 <= t < self.llm.config.vocab_size]
+        vocab = self.llm.config.vocab_size
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            bad = [t for t in prompt if not 0 <= t < vocab]
             if bad:
-                raise InvalidRequestError(f"prompt token ids must be in [0, {self.llm.config.vocab_size}), got {bad[0]}")
+                raise InvalidRequestError(f"prompt token ids must be in [0, {vocab}), got {bad[0]}")
             return list(prompt)
-        if isinstance(prompt, list) and not all(isinstance(m, dict) for m in prompt):
-            raise InvalidRequestError("prompt must be a string, a list of token ids or a list of chat messages, "
-                                      f"got a list holding {type(next(m for m in prompt if not isinstance(m, dict))).__name__}")
-        if not isinstance(prompt, (str, list)):
-            raise InvalidRequestError(f"prompt must be a string, token ids or chat messages, got {type(prompt).__name__}")
+        if not isinstance(prompt, str):
+            odd = [m for m in prompt if not isinstance(m, dict)] if isinstance(prompt, list) else [prompt]
+            if odd:
+                raise InvalidRequestError("prompt must be a string, a list of token ids or a list of chat messages, "
+                                          f"got {type(odd[0]).__name__}")
         return self.llm.encode(prompt, chat=chat)
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None, *,

@@ -145,7 +145,8 @@ class PagedKVView:
             qd = q[0, :, off : off + B].transpose(0, 1).reshape(B, KV, H // KV, D)
             keys = K.index_select(0, blocks.flatten()).view(B, width * bs, KV, D).transpose(1, 2)  # (B, KV, L, D)
             values = V.index_select(0, blocks.flatten()).view(B, width * bs, KV, D).transpose(1, 2)
-            out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=self._decode_mask(off, width, starts, window))
+            mask = self._decode_mask(off, width, starts, window)
+            out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=mask)
             outs.append(out.reshape(B, H, D).transpose(0, 1)[None])  # (1, H, B, D)
         for off, n, start, blocks in self._chunks:
             end = start + n

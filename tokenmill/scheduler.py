@@ -19,7 +19,7 @@ from .sequence import Sequence
 
 @dataclass(eq=False)
 class Request:
-    """One request as the scheduler sees it: its Sequence (token ids, finish state) and how many tokens' k/v are cached."""
+    """A request as the scheduler sees it: its Sequence (token ids, finish state) and how many tokens are cached."""
 
     id: str
     seq: Sequence
@@ -63,7 +63,8 @@ class Batch:
 class Scheduler:
     def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int):
         self.blocks = blocks
-        self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len = max_num_seqs, max_num_batched_tokens, max_model_len
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._failed: list[Request] = []
