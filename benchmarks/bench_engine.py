@@ -92,18 +92,23 @@ def main():
     ap.add_argument("--kv-cache-memory", default="1GiB")
     ap.add_argument("--max-batched-tokens", type=int, default=512, help="tokens per engine step (chunked prefill)")
     ap.add_argument("--data", type=Path)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the layers (exact; compiled before timing)")
+    ap.add_argument("--int4", action="store_true", help="4-bit weights through torch's int4 CPU kernel (not exact)")
     ap.add_argument("--write", type=Path, help="also write the results as markdown to this file")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    llm = tokenmill.load()
+    llm = tokenmill.load(compile=args.compile, int4=args.int4)
+    if args.compile:
+        print(f"compile/warm-up {llm.runner.warm_up():.1f} s (kept out of the figures)")
     prompts = load_prompts(llm, args.data, args.prompts, args.min_prompt_tokens, args.max_prompt_tokens)
     lens = sorted(len(p) for p in prompts)
     engine = LLMEngine(llm, kv_cache_memory=args.kv_cache_memory, max_num_seqs=max(args.concurrency),
                        max_num_batched_tokens=max(args.max_batched_tokens, max(args.concurrency)))
     head = (f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
             f"Python {platform.python_version()}, {datetime.date.today()}\n"
-            f"model {llm.loaded.path.name} (fp32 compute); {len(prompts)} wikitext-2 test lines, prompt tokens "
+            f"model {llm.loaded.path.name} (fp32 compute, fused q/k/v and gate/up"
+            f"{', compiled' if args.compile else ''}{', int4 decode kernel' if args.int4 else ''}); {len(prompts)} wikitext-2 test lines, prompt tokens "
             f"min {lens[0]} / median {lens[len(lens) // 2]} / max {lens[-1]}; {args.new_tokens} new tokens each\n"
             f"{engine.describe()}\n"
             f"load average at start {os.getloadavg()[0]:.2f} (work other than this benchmark on the machine)")

@@ -32,6 +32,16 @@ def llm(gguf_path):
 
 
 @pytest.fixture(scope="session")
+def llm_compiled(gguf_path):
+    """The CPU fast path that stays exact: fused projections, compiled layers and a Q8_0 lm_head kept as int8 blocks."""
+    import tokenmill
+
+    llm = tokenmill.load(str(gguf_path), compile=True)
+    llm.runner.warm_up()
+    return llm
+
+
+@pytest.fixture(scope="session")
 def hf_model(gguf_path):
     """HF transformers' fp32 model dequantized from the same GGUF: the logits reference."""
     transformers = pytest.importorskip("transformers")

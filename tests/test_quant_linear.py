@@ -1,4 +1,5 @@
-"""4-bit repacking (exact vs gguf-py's dequantizer) and the int4 CPU linear (vs the plain PyTorch reference)."""
+"""4-bit repacking (exact vs gguf-py's dequantizer), the int4 CPU linear (vs the plain PyTorch reference) and the Q8_0
+block linear (vs gguf-py's dequantized weight)."""
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
@@ -6,7 +7,7 @@ from gguf import quants as gq
 
 from tests.test_quants import random_bytes
 from tokenmill.errors import UnsupportedError
-from tokenmill.quant_linear import Int4Linear, has_int4_cpu_kernel, reference
+from tokenmill.quant_linear import Int4Linear, Q8Linear, has_int4_cpu_kernel, reference
 from tokenmill.quants import QuantizedTensor, int4_groups
 
 N, K = 48, 512
@@ -57,3 +58,15 @@ def test_many_rows_take_the_dense_weight_when_kept():
     one = layer(x[:1])  # decode: the int4 kernel, within bf16 tolerance
     assert not torch.equal(one, torch.nn.functional.linear(x[:1], w))
     assert torch.allclose(one, torch.nn.functional.linear(x[:1], w), rtol=0, atol=2e-2 * w.abs().max().item() * 8)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_q8_linear_equals_the_dequantized_product(rows):
+    raw = random_bytes(T.Q8_0, N, K, seed=8)
+    w = torch.from_numpy(gq.dequantize(raw, T.Q8_0).reshape(N, K).astype("float32"))  # gguf-py's reference
+    layer = Q8Linear(QuantizedTensor(T.Q8_0, (N, K), torch.from_numpy(raw)), dense=w)
+    x = torch.randn(2, rows, K, generator=torch.Generator().manual_seed(1))
+    got, ref = layer(x), torch.nn.functional.linear(x, w)
+    assert got.shape == (2, rows, N)
+    # the same products in fp32, summed per block of 32 then across blocks: only the summation order differs
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

@@ -33,6 +33,7 @@ class Item:
 def add_batch_parser(subparsers, common) -> argparse.ArgumentParser:
     """Register `batch` on the CLI's subparsers; `common` adds --model and --threads."""
     from .cli import _positive_int, add_sampler_flags
+    from .metrics import add_metrics_flag
 
     b = subparsers.add_parser("batch", help="run a file of prompts with continuous batching, writing JSONL results",
                               description=__doc__.split("\n\n", 1)[1])
@@ -49,6 +50,7 @@ def add_batch_parser(subparsers, common) -> argparse.ArgumentParser:
                    help="KV cache size, e.g. 2GiB (default: 1/4 of free RAM up to 1 GiB; GPU: half of free memory)")
     b.add_argument("--strict", action="store_true", help="stop at the first malformed input line")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_metrics_flag(b)
     common(b)
     add_sampler_flags(b)
     b.set_defaults(func=cmd_batch)
@@ -208,8 +210,10 @@ def _run(args, todo: list[Item], out) -> str:
                                TimeRemainingColumn)
 
     from .engine import LLMEngine
+    from .metrics import open_log
 
     err = Console(stderr=True, soft_wrap=True)
+    log = open_log(args, "batch")
     llm = _load_llm(args)
     engine = LLMEngine(llm, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_concurrency,
                        max_num_batched_tokens=max(args.max_batched_tokens, args.max_concurrency))
@@ -230,6 +234,9 @@ def _run(args, todo: list[Item], out) -> str:
             errors += 1
         else:
             m = res.metrics
+            if log:
+                log.record(res.completion, llm, request_id=item.id, params=item.params, preset=args.preset,
+                           ttft_s=m.ttft_seconds, total_s=m.latency_seconds, queue_s=m.queue_seconds)
             prompt_tok, cached_tok = prompt_tok + m.prompt_tokens, cached_tok + m.cached_tokens
             gen_tok += m.generated_tokens
             latencies.append(m.latency_seconds)

@@ -28,6 +28,7 @@ Start a message with // to send text that begins with /."""
 def add_chat_commands(sub, common):
     """Register `chat` and `check-prompt` on the CLI's subparsers."""
     from .cli import _positive_int, add_sampler_flags
+    from .metrics import add_metrics_flag
 
     c = sub.add_parser("chat", help="chat with a model in the terminal, streaming replies", description=(
         "Chat with a model. Each turn reuses the KV cache of the previous one, so only new tokens are computed; "
@@ -37,6 +38,7 @@ def add_chat_commands(sub, common):
     c.add_argument("--amnesia", action="store_true", help="every turn starts from the system prompt alone")
     c.add_argument("--max-context", type=_positive_int,
                    help="tokens of prompt + reply at most (default: the model's context)")
+    add_metrics_flag(c)
     common(c)
     add_sampler_flags(c)
     c.set_defaults(func=cmd_chat)
@@ -148,10 +150,11 @@ class FenceStyler:
 class ChatREPL:
     """Reads lines, runs commands, streams replies. `tty` styles output and shows a prompt."""
 
-    def __init__(self, session, *, tty: bool):
+    def __init__(self, session, *, tty: bool, metrics=None, preset: str | None = None):
         from rich.console import Console
 
         self.s, self.tty = session, tty
+        self.metrics, self.preset = metrics, preset  # a MetricsLog: one line per reply
         self.err = Console(stderr=True, soft_wrap=True, highlight=False, emoji=False)
         self.out = Console(soft_wrap=True, highlight=False, emoji=False) if tty else None
 
@@ -215,6 +218,9 @@ class ChatREPL:
         if reply.interrupted:
             self.note("(stopped; the partial reply is kept: /retry regenerates it, /undo removes the exchange)")
         self.note(self.stats_line(reply))
+        if self.metrics and reply.completion:
+            self.metrics.record(reply.completion, self.s.llm, request_id=f"turn-{self.s.exchanges}",
+                                params=self.s.sampling, preset=self.preset, total_s=reply.seconds)
 
     def _write(self, text: str, style: str | None):
         if self.out is not None:
@@ -284,8 +290,11 @@ def _clip(text: str, n: int = 40) -> str:
 def cmd_chat(args) -> int:
     from .chat import ChatSession
     from .cli import _load, sampling_from_args
+    from .metrics import open_log
 
     params = sampling_from_args(args)  # bad flags fail before the model loads
+    log = open_log(args, "chat")
     llm = _load(args)
     session = ChatSession(llm, params, system=args.system, max_context=args.max_context, amnesia=args.amnesia)
-    return ChatREPL(session, tty=sys.stdin.isatty() and sys.stdout.isatty()).loop()
+    tty = sys.stdin.isatty() and sys.stdout.isatty()
+    return ChatREPL(session, tty=tty, metrics=log, preset=args.preset).loop()

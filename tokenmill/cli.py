@@ -9,6 +9,7 @@ import sys
 import time
 
 from .errors import TokenmillError
+from .metrics import add_metrics_flag, open_log
 
 # Sampler fields exposed as flags: field -> (flag, help). Flags for the remaining fields are derived from their names.
 SAMPLER_FLAGS = {
@@ -101,7 +102,8 @@ def stats_line(c) -> str:
 def _load(args):
     from .llm import load
 
-    return load(args.model, threads=args.threads, template=getattr(args, "template", None), int4=args.int4)
+    return load(args.model, threads=args.threads, template=getattr(args, "template", None), int4=args.int4,
+                compile=getattr(args, "compile", False))
 
 
 def cmd_generate(args) -> int:
@@ -109,6 +111,7 @@ def cmd_generate(args) -> int:
 
     err = Console(stderr=True, soft_wrap=True)
     params = sampling_from_args(args)  # bad flags fail before the model loads
+    log = open_log(args, "generate")
     llm = _load(args)
     stream = llm.stream(args.prompt, params, chat=args.chat)
     for piece in stream:
@@ -116,6 +119,8 @@ def cmd_generate(args) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     err.print(stats_line(stream.completion), style="dim", highlight=False)
+    if log:
+        log.record(stream.completion, llm, params=params, preset=args.preset)
     return 0
 
 
@@ -149,13 +154,6 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from .bench import run_cpu_bench
-
-    run_cpu_bench(args)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="tokenmill",
@@ -170,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
         sp.add_argument("--int4", action="store_true", help="decode 4-bit GGUF weights with the packed int4 CPU "
                         "kernel (faster, not bit-exact; default: exact fp32)")
+        sp.add_argument("--compile", action="store_true", help="torch.compile the CPU decode path (faster per token; "
+                        "the first run compiles for tens of seconds, cached on disk afterwards)")
 
     g = sub.add_parser("generate", help="generate text for one prompt, streaming it", description=(
         "Generate a continuation of PROMPT (or, with --chat, the model's reply to it) and print it as it streams, "
@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", help="the prompt text")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as a user turn")
     g.add_argument("--template", help="chat template: a built-in name or a .jinja file (default: the model's own)")
+    add_metrics_flag(g)
     common(g)
     add_sampler_flags(g)
     g.set_defaults(func=cmd_generate)
@@ -186,17 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampler_flags(d)
     d.set_defaults(func=cmd_demo)
 
-    b = sub.add_parser("bench", help="measure decode and prefill speed on this machine")
-    common(b)
-    b.add_argument("--decode-tokens", type=_positive_int, default=256, help="tokens to decode (default 256)")
-    b.add_argument("--prefill", type=_positive_int, nargs="+", default=[512, 2048], help="prompt lengths to prefill")
-    b.add_argument("--repeat", type=_positive_int, default=3, help="runs per figure; the median is reported")
-    b.add_argument("--peers", action="store_true", help="also run HF transformers fp32 in the same run (if installed)")
-    b.set_defaults(func=cmd_bench)
-
     from .batch import add_batch_parser
+    from .bench import add_bench_parser
     from .chat_cli import add_chat_commands
 
+    add_bench_parser(sub, common)
     add_chat_commands(sub, common)
     add_batch_parser(sub, common)
     return p

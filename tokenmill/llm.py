@@ -42,11 +42,11 @@ class TextStream:
 
 class LLM:
     def __init__(self, loaded: LoadedModel, *, threads: int | None = None, template: str | None = None,
-                 int4: bool = False):
+                 int4: bool = False, compile: bool = False):
         self.loaded = loaded
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
-        self.runner = ModelRunner(loaded, threads=threads, int4=int4)
+        self.runner = ModelRunner(loaded, threads=threads, int4=int4, compile=compile)
         self.sampler = Sampler(self.config.vocab_size)
         self._template_name = template
         self._template = None
@@ -164,11 +164,14 @@ class LLM:
 
 
 def load(model: str | None = None, *, device: str = "cpu", dtype: torch.dtype = torch.float32, threads: int | None = None,
-         template: str | None = None, int4: bool = False) -> LLM:
+         template: str | None = None, int4: bool = False, compile: bool = False) -> LLM:
     """Load a model: a .gguf file, a Hugging Face folder, or an alias (`smollm2`, the default).
 
     Args:
         int4: decode GGUF 4-bit weights (Q4_0/Q4_1/Q4_K) with torch's packed int4 CPU kernel: about 1.5x faster
             decode on the default model, not bit-exact (bf16 activations in those layers). Default: exact fp32.
+        compile: torch.compile the CPU decode path (fused elementwise ops, Q8_0 lm_head kept as int8 blocks): less
+            host time per token; the first steps compile (tens of seconds, then cached on disk). Exact.
     """
-    return LLM(load_model(model, dtype=dtype, device=device), threads=threads, template=template, int4=int4)
+    return LLM(load_model(model, dtype=dtype, device=device), threads=threads, template=template, int4=int4,
+               compile=compile)

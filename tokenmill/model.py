@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .quants import QuantizedTensor
 
 
 class KVView(Protocol):
@@ -74,15 +75,27 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+        self.qkv_proj: nn.Module | None = None  # q|k|v rows in one product, once fuse_projections() ran
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x (B, T, hidden) -> q (B, H, T, D), k/v (B, KV, T, D) with RoPE applied."""
+        B, T, _ = x.shape
+        if self.qkv_proj is not None:
+            kvd = self.n_kv * self.head_dim
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, kvd, kvd], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        B, _, T, _ = out.shape  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVView) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = kv.attend(self.layer, q, k, v, self.window)  # (B, H, T, D)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.output(kv.attend(self.layer, *self.project(x, cos, sin), self.window))
 
 
 class MLP(nn.Module):
@@ -91,9 +104,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj: nn.Module | None = None  # gate|up rows in one product, once fuse_projections() ran
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -104,9 +122,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv)
+    # forward in two halves around the KV cache, so the runner can compile each (one graph for every layer: no
+    # per-layer integer inside) and leave the cache's bookkeeping eager
+    def attention_inputs(self, x, cos, sin):
+        return self.self_attn.project(self.input_layernorm(x), cos, sin)
+
+    def finish(self, x, attn):
+        x = x + self.self_attn.output(attn)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward(self, x, cos, sin, kv):
+        a = self.self_attn
+        return self.finish(x, kv.attend(a.layer, *self.attention_inputs(x, cos, sin), a.window))
 
 
 class Body(nn.Module):
@@ -127,6 +154,30 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # (D/2,) fp32; a buffer so GGUF's rope_freqs can replace it at load time
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def fuse_projections(self, packed: dict[str, QuantizedTensor] | None = None) -> None:
+        """Replace q/k/v by one `qkv_proj` and gate/up by one `gate_up_proj` per layer (one product instead of three or
+        two: fewer, larger ops). GGUF blocks in `packed` are joined under the fused names when the parts share a type
+        (row-wise blocks concatenate exactly), so quantized kernels keep working on fused layers."""
+        for i, layer in enumerate(self.model.layers):
+            for owner, fused, parts in ((layer.self_attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                                        (layer.mlp, "gate_up_proj", ("gate_proj", "up_proj"))):
+                if getattr(owner, fused) is not None:
+                    continue
+                lins = [getattr(owner, p) for p in parts]
+                w = torch.cat([m.weight for m in lins])
+                lin = nn.Linear(w.shape[1], w.shape[0], bias=lins[0].bias is not None, device="meta")
+                lin.weight = nn.Parameter(w, requires_grad=False)
+                if lin.bias is not None:
+                    lin.bias = nn.Parameter(torch.cat([m.bias for m in lins]), requires_grad=False)
+                setattr(owner, fused, lin)
+                for p in parts:
+                    delattr(owner, p)
+                prefix = f"model.layers.{i}.{'self_attn' if fused == 'qkv_proj' else 'mlp'}"
+                qts = [(packed or {}).get(f"{prefix}.{p}.weight") for p in parts]
+                if all(qts) and len({qt.qtype for qt in qts}) == 1:
+                    packed[f"{prefix}.{fused}.weight"] = QuantizedTensor(
+                        qts[0].qtype, (sum(qt.shape[0] for qt in qts), qts[0].shape[1]), torch.cat([qt.data for qt in qts]))
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # positions (B, T) -> cos/sin (B, 1, T, D), computed in fp32 like the reference
@@ -152,4 +203,8 @@ class Transformer(nn.Module):
             x = x.flatten(0, 1)[logits_at]
         elif last_only:
             x = x[:, -1:]
+        return self.head(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head: hidden (..., hidden) -> logits (..., V) fp32."""
         return self.lm_head(self.model.norm(x)).float()

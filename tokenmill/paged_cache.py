@@ -5,7 +5,8 @@ Layout per layer: k, v (num_blocks, block_size, n_kv, head_dim). One forward pac
 single row (input_ids and positions (1, N)); `PagedKVView.attend` writes their k/v into their slots, then attends:
 sequences with one new token (decodes, placed first in the pack) together as one padded batch, each longer chunk
 (prefill) on its own with a causal mask offset by its cached length. Decodes sorted by length attend in a few groups
-of similar length, so short ones are not padded to the longest. Plain PyTorch gather + SDPA, any device.
+of similar length, so short ones are not padded to the longest. Plain PyTorch gather + SDPA, any device; on CUDA the
+k/v store and all decodes are Triton kernels reading through the block tables (gpu_attention.py).
 """
 from __future__ import annotations
 
@@ -91,7 +92,16 @@ class PagedKVView:
         # decodes attend in groups of similar length, each padded to its longest: (offset, rows, block ids (B, width),
         # positions (B,)); then each prefill chunk alone: (offset, new tokens, cached tokens, block ids)
         self._decodes, self._chunks = [], []
-        for lo, hi in _split_by_width([s // bs + 1 for s in starts[:n_dec]]):
+        self._gpu = None  # CUDA: all decodes in one Triton launch, (count, tables (B, W) int32, keys (B,) int32, splits)
+        if dev.type == "cuda" and n_dec:
+            from .gpu_attention import decode_splits
+
+            width = max(s // bs for s in starts[:n_dec]) + 1
+            padded = [t[:width] + [0] * (width - min(width, len(t))) for t in tables[:n_dec]]
+            self._gpu = (n_dec, torch.tensor(padded, dtype=torch.int32, device=dev),
+                         torch.tensor([s + 1 for s in starts[:n_dec]], dtype=torch.int32, device=dev),
+                         decode_splits(n_dec, cache.cfg.num_kv_heads, max(starts[:n_dec]) + 1))
+        for lo, hi in _split_by_width([s // bs + 1 for s in starts[:n_dec]] if self._gpu is None else []):
             width = max(s // bs for s in starts[lo:hi]) + 1  # blocks up to the one holding the new token
             padded = [t[:width] + [0] * (width - min(width, len(t))) for t in tables[lo:hi]]
             self._decodes.append((lo, hi - lo, torch.tensor(padded, dtype=torch.long, device=dev),
@@ -134,11 +144,20 @@ class PagedKVView:
         # q (1, H, N, D), k/v (1, KV, N, D) for the packed new tokens -> (1, H, N, D)
         K, V = self.cache.k[layer], self.cache.v[layer]  # (blocks, bs, KV, D)
         bs, KV, D = K.shape[1:]
-        K.view(-1, KV, D).index_copy_(0, self._slots, k[0].transpose(0, 1))
-        V.view(-1, KV, D).index_copy_(0, self._slots, v[0].transpose(0, 1))
         gqa = q.shape[1] != KV
         outs = []
         H = q.shape[1]
+        if self.cache.device.type == "cuda":
+            from .gpu_attention import paged_decode, store_kv
+
+            store_kv(K, V, self._slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+            if self._gpu is not None:
+                n_dec, tables, lengths, splits = self._gpu
+                out = paged_decode(q[0, :, :n_dec].transpose(0, 1), K, V, tables, lengths, window, splits)
+                outs.append(out.transpose(0, 1)[None])  # (1, H, n_dec, D)
+        else:
+            K.view(-1, KV, D).index_copy_(0, self._slots, k[0].transpose(0, 1))
+            V.view(-1, KV, D).index_copy_(0, self._slots, v[0].transpose(0, 1))
         for off, B, blocks, starts in self._decodes:
             width = blocks.shape[1]
             # the H / KV query heads sharing a kv head go in as that head's queries: (B, KV, H / KV, D), no GQA expand
@@ -150,6 +169,12 @@ class PagedKVView:
             outs.append(out.reshape(B, H, D).transpose(0, 1)[None])  # (1, H, B, D)
         for off, n, start, blocks in self._chunks:
             end = start + n
+            if start == 0 and self.cache.device.type == "cuda":  # flash-attn when installed, else SDPA
+                from .gpu_attention import prefill_attention
+
+                outs.append(prefill_attention(q[:, :, off : off + n], k[:, :, off : off + n], v[:, :, off : off + n],
+                                              window))
+                continue
             if start == 0:  # nothing cached before the chunk: its keys are the new ones
                 keys, values = k[:, :, off : off + n], v[:, :, off : off + n]
             else:

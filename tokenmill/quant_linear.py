@@ -49,6 +49,31 @@ class Int4Linear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
+class Q8Linear(nn.Module):
+    """A GGUF Q8_0 weight (N, K) kept as int8 blocks of 32 with an fp32 scale each (what the file stores; the lm_head of
+    most GGUF models). `forward` is per-block dot products scaled and summed in fp32, so the result equals the dense
+    product up to summation order; it reads 1.06 bytes per weight instead of 4, but is only fast once compiled (the
+    runner compiles it; eager it would materialise (rows, N, K) products), and only for a few rows: from `dense_rows`
+    rows up the dense weight is used."""
+
+    def __init__(self, qt: QuantizedTensor, dense: torch.Tensor):
+        super().__init__()
+        n, k = qt.shape
+        b = qt.data.reshape(n, k // GROUP, 34)
+        self.register_buffer("q", b[..., 2:].contiguous().view(torch.int8))  # (N, K/32, 32)
+        self.register_buffer("d", b[..., :2].contiguous().view(torch.float16).float()[..., 0])  # (N, K/32)
+        self.dense, self.in_features, self.out_features = dense, k, n
+
+    dense_rows = 4  # block dot products are compute-bound: from 4 rows up MKL's dense GEMM is faster
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() >= self.dense_rows * self.in_features:
+            return F.linear(x, self.dense)
+        xb = x.reshape(-1, 1, self.in_features // GROUP, GROUP)  # (rows, 1, K/32, 32)
+        y = ((self.q.float() * xb).sum(-1) * self.d).sum(-1)  # (rows, N)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
 def reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
     """x @ W.T in fp32 with W = q * scale + min, groups of 32 along K."""
     w = q.float() * scale.repeat_interleave(GROUP, 1) + mins.repeat_interleave(GROUP, 1)

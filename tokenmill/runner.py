@@ -1,16 +1,21 @@
 """The model runner: owns the weights' device, the KV cache and the forward calls. It never decides who runs."""
 from __future__ import annotations
 
+import functools
+import time
+
 import torch
+from gguf import GGMLQuantizationType
 
 from .kv_cache import KVCache
 from .loader import LoadedModel
-from .quant_linear import has_int4_cpu_kernel, pack_int4_linears
+from .model import DecoderLayer, Transformer
+from .quant_linear import Q8Linear, has_int4_cpu_kernel, pack_int4_linears
 
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, *, threads: int | None = None, prefill_chunk: int = 2048,
-                 int4: bool = False):
+                 int4: bool = False, compile: bool = False):
         self.model = loaded.model
         self.config = loaded.config
         self.device = self.model.lm_head.weight.device
@@ -18,10 +23,62 @@ class ModelRunner:
         self.prefill_chunk = prefill_chunk
         if threads is not None:
             torch.set_num_threads(threads)
-        # GGUF 4-bit weights through torch's int4 CPU kernel for decode (not bit-exact: bf16 activations)
-        self.int4_layers = 0
-        if int4 and self.device.type == "cpu" and has_int4_cpu_kernel():
-            self.int4_layers = pack_int4_linears(self.model, loaded.packed)
+        # CUDA: bf16, fused projections, GGUF 4/8-bit weights kept quantized (Triton kernels), Triton norms / RoPE /
+        # paged decode attention; decode steps of the paged cache replay CUDA graphs (made with new_paged_cache)
+        self.graphs = None
+        self.quantized_layers = 0
+        if self.device.type == "cuda":
+            from .gpu_layers import prepare_gpu_model
+
+            self.quantized_layers = prepare_gpu_model(self.model, loaded.packed)
+            self.dtype = torch.bfloat16
+            self.prefill_chunk = max(prefill_chunk, 8192)
+        # CPU: q/k/v and gate/up fused (exact); GGUF 4-bit weights through torch's int4 CPU kernel for decode (not
+        # bit-exact: bf16 activations); `compile`: each layer's two halves around the KV cache and the head compiled
+        self.int4_layers, self.compile_s = 0, None
+        if self.device.type == "cpu":
+            self.model.fuse_projections(loaded.packed)
+            if int4 and has_int4_cpu_kernel():
+                self.int4_layers = pack_int4_linears(self.model, loaded.packed)
+            if compile:
+                self._compile_cpu(loaded)
+
+    def _compile_cpu(self, loaded: LoadedModel):
+        """torch.compile (inductor, C++) of the per-layer code around attention and of the head: fuses the small
+        elementwise ops (norms, RoPE, SiLU * up, residuals) and cuts the per-op host cost that dominates decode of a
+        small model. One compiled graph serves every layer (the layer is an argument, not a constant); the KV cache's
+        bookkeeping stays eager. Compilation happens on the first calls (the first two decode steps and prefills),
+        cached on disk by inductor for later processes; `warm_up()` runs it and reports the seconds in `compile_s`."""
+        m = self.model
+        opts = {}
+        if hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"):
+            # the layers differ only in their weights, which are graph inputs: skip guarding every module attribute
+            opts["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+        pre = torch.compile(DecoderLayer.attention_inputs, dynamic=True, options=opts)
+        post = torch.compile(DecoderLayer.finish, dynamic=True, options=opts)
+        for layer in m.model.layers:
+            layer.attention_inputs = functools.partial(pre, layer)
+            layer.finish = functools.partial(post, layer)
+        tied = self.config.tie_word_embeddings or "lm_head.weight" not in loaded.packed
+        qt = loaded.packed.get("model.embed_tokens.weight" if tied else "lm_head.weight")
+        if qt is not None and qt.qtype == GGMLQuantizationType.Q8_0 and m.lm_head.in_features % 32 == 0:
+            m.lm_head = Q8Linear(qt, m.lm_head.weight)  # compiled below; exact up to summation order
+        m.head = functools.partial(torch.compile(Transformer.head, dynamic=True, options=opts), m)
+
+    def warm_up(self) -> float:
+        """Run the compiled paths once (decode and a prefill chunk) so compilation is kept out of measurements; returns
+        the seconds spent (0 when nothing is compiled)."""
+        if self.compile_s is not None or not isinstance(self.model.head, functools.partial):
+            return self.compile_s or 0.0
+        t = time.perf_counter()
+        cache = self.new_cache(2, 64)
+        for n in (3, 17):  # a 1-token and a longer prefill: both compiled shapes
+            self.prefill(cache, 0, list(range(n)))
+        for _ in range(2):
+            self.decode(cache, [0, 1], [1, 2])
+            self.decode(cache, [0], [1])
+        self.compile_s = time.perf_counter() - t
+        return self.compile_s
 
     def new_cache(self, rows: int, capacity: int) -> KVCache:
         return KVCache(self.config, rows, capacity, self.dtype, self.device)
@@ -54,7 +111,13 @@ class ModelRunner:
     def new_paged_cache(self, num_blocks: int, block_size: int) -> "PagedKVCache":
         from .paged_cache import PagedKVCache
 
-        return PagedKVCache(self.config, num_blocks, block_size, self.dtype, self.device)
+        cache = PagedKVCache(self.config, num_blocks, block_size, self.dtype, self.device)
+        if self.device.type == "cuda":
+            from .cuda_graphs import DecodeGraphs
+
+            max_blocks = min(num_blocks, -(-self.config.max_position_embeddings // block_size))
+            self.graphs = DecodeGraphs(self.model, cache, max_blocks)
+        return cache
 
     @torch.inference_mode()
     def forward_packed(self, cache: "PagedKVCache", chunks: list[list[int]], starts: list[int], tables: list[list[int]],
@@ -63,6 +126,9 @@ class ModelRunner:
         tokens, in the blocks tables[i] (one-token chunks first). Returns next-token logits (len(logits_for), V) fp32 at
         the last new token of each sequence index in logits_for."""
         lengths = [len(c) for c in chunks]
+        g = self.graphs
+        if g is not None and g.cache is cache and len(chunks) <= g.max_batch and all(n == 1 for n in lengths):
+            return self._decode_graph(chunks, starts, tables)[logits_for]
         view = cache.view(starts, lengths, tables)
         ids = torch.tensor([[t for c in chunks for t in c]], device=self.device)
         ends, total = [], 0
@@ -76,4 +142,14 @@ class ModelRunner:
         cos, sin = m.rope(view.positions, x.dtype)
         for layer in m.model.layers:
             x = layer(x, cos, sin, view)
-        return m.lm_head(m.model.norm(x[0, rows])).float()
+        return m.head(x[0, rows])
+
+    def _decode_graph(self, chunks: list[list[int]], starts: list[int], tables: list[list[int]]) -> torch.Tensor:
+        # one token per sequence: the step's inputs as one host tensor (token, position, slot, keys, table), one copy,
+        # one graph replay -> (n, V) fp32, a view of the graph's output
+        bs = self.graphs.cache.block_size
+        width = max(s // bs for s in starts) + 1
+        rows = [[c[0], s, t[s // bs] * bs + s % bs, s + 1] + t[:width] + [0] * (width - len(t[:width]))
+                for c, s, t in zip(chunks, starts, tables)]
+        dev = torch.tensor(rows, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
+        return self.graphs.run(dev[:, 0], dev[:, 1], dev[:, 2], dev[:, 4:].int(), dev[:, 3].int())

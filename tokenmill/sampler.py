@@ -32,8 +32,8 @@ On the CPU (CPU_DEVICES) a sort of V costs ~7 ms a row, a random number ~20 ns, 
     candidates too, and each row checks that its survivors lie strictly above every token outside, so the result
     is exact; rows whose check fails retry with a lower bound, then join the rows with no such filter (or tfs
     first) in the full space;
-  - unseeded rows draw by inverse cdf with one uniform each, and DRY compares only the positions whose previous
-    token is the newest.
+  - rows draw by inverse cdf with one uniform each (a seeded row's from its own generator), and DRY compares only
+    the positions whose previous token is the newest.
 Other devices run every row in the full space: a sort is cheap there, and choosing rows would need a host sync.
 The (B, V) working tensors are buffers kept across calls.
 """
@@ -771,34 +771,27 @@ def _skew(probs, exponent) -> torch.Tensor:
 def _draw(g: _Group, plan: _Plan, seqs, buffer) -> torch.Tensor:
     """(R,) column drawn from each row of g.probs without a host sync: argmax(p / q), q ~ Exponential(1), a seeded row
     drawing its q over its g.n columns from its own generator (so its draw does not depend on its batch). On the CPU,
-    where each random number costs ~20 ns, unseeded rows draw by inverse cdf with one uniform each instead."""
+    where each random number costs ~20 ns, every row draws by inverse cdf with one uniform instead, a seeded row's
+    uniform from its own generator (one number per step, whatever the batch)."""
     probs = g.probs
     R, C = probs.shape
     dev = probs.device
     own = [(r, seqs[i].generator) for r, i in enumerate(g.rows) if i in plan.seeded_rows]
-    cpu = dev.type in CPU_DEVICES
-    if cpu and len(own) < R:
-        cols = _inverse_cdf(probs, torch.rand(R, 1, device=dev))
-        if not own:
-            return cols
-    every = not cpu or len(own) == R  # else the seeded rows only
-    if not every:
-        j = _h2d([r for r, _ in own], torch.long, dev)
-        probs = probs[j]
-    q = buffer("noise", probs.shape[0], C, dev) if C == plan.vocab else torch.empty_like(probs)
-    if len(own) < R and every:
+    if dev.type in CPU_DEVICES:
+        u = torch.rand(R, 1, device=dev)
+        for r, gen in own:
+            u[r] = torch.rand(1, device=dev, generator=gen)
+        return _inverse_cdf(probs, u)
+    q = buffer("noise", R, C, dev) if C == plan.vocab else torch.empty_like(probs)
+    if len(own) < R:
         q.exponential_()
-    for k, (r, gen) in enumerate(own):
-        row = q[r if every else k]
+    for r, gen in own:
+        row = q[r]
         if g.n[r] < C:
             row[g.n[r]:] = 1.0  # where p = 0
             row = row[:g.n[r]]
         row.exponential_(generator=gen)
-    race = _argmax(torch.div(probs, q.clamp_(min=1e-30), out=q))
-    if every:
-        return race
-    cols[j] = race
-    return cols
+    return _argmax(torch.div(probs, q.clamp_(min=1e-30), out=q))
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
