@@ -13,7 +13,8 @@ Compilation (`compiled`, `int4`) is run once before timing and reported on its o
 tokenmill variants:
   exact     fp32 weights dequantized from the GGUF, fused q/k/v and gate/up (bit-exact vs transformers' logits)
   compiled  exact + torch.compile of each layer's halves + the Q8_0 lm_head kept as int8 blocks (exact)
-  int4      compiled + the 4-bit weights through torch's int4 CPU kernel (bf16 activations: ~1% logit error)
+  int4      exact + the 4-bit weights through torch's int4 CPU kernel (bf16 activations: ~1% logit error) for
+            fewer than 32 rows (prefill keeps the fp32 GEMM); int4+compiled: both
 """
 import argparse
 import datetime
@@ -39,8 +40,20 @@ def timed(fn, repeat: int):
     return stats([fn() for _ in range(repeat)])
 
 
+def the_figures(decode, prefill, a, batched: bool = True) -> dict:
+    """decode(ctx, rows, steps) and prefill(n) make timed runs returning tok/s; -> {figure: (median, spread)}."""
+    out = {"decode b1, short prompt": timed(decode(16, 1, a.tokens), a.repeat),
+           f"decode b1, {CONTEXT} context": timed(decode(CONTEXT, 1, a.tokens // 2), a.repeat),
+           "prefill 512": timed(prefill(512), a.repeat),
+           "prefill 2048": timed(prefill(2048), a.repeat)}
+    if batched:
+        out["decode b16 (total)"] = timed(decode(64, 16, 16), a.repeat)
+        out["decode b64 (total)"] = timed(decode(64, 64, 8), a.repeat)
+    return out
+
+
 def tokenmill_figures(llm, a) -> dict:
-    r, V, out = llm.runner, llm.config.vocab_size, {}
+    r, V = llm.runner, llm.config.vocab_size
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(100, V, (CONTEXT + 64,), generator=g).tolist()
 
@@ -64,13 +77,7 @@ def tokenmill_figures(llm, a) -> dict:
             return n / (time.perf_counter() - t)
         return run
 
-    out["decode b1, short prompt"] = timed(decode(16, 1, a.tokens), a.repeat)
-    out[f"decode b1, {CONTEXT} context"] = timed(decode(CONTEXT, 1, a.tokens // 2), a.repeat)
-    out["prefill 512"] = timed(prefill(512), a.repeat)
-    out["prefill 2048"] = timed(prefill(2048), a.repeat)
-    out["decode b16 (total)"] = timed(decode(64, 16, 16), a.repeat)
-    out["decode b64 (total)"] = timed(decode(64, 64, 8), a.repeat)
-    return out
+    return the_figures(decode, prefill, a)
 
 
 def hf_figures(path, a) -> dict | None:
@@ -79,7 +86,7 @@ def hf_figures(path, a) -> dict | None:
     except ImportError:
         return None
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    V, out = model.config.vocab_size, {}
+    V = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(100, V, (CONTEXT + 64,), generator=g)
 
@@ -103,13 +110,7 @@ def hf_figures(path, a) -> dict | None:
                 return n / (time.perf_counter() - t)
         return run
 
-    out["decode b1, short prompt"] = timed(decode(16, 1, a.tokens), a.repeat)
-    out[f"decode b1, {CONTEXT} context"] = timed(decode(CONTEXT, 1, a.tokens // 2), a.repeat)
-    out["prefill 512"] = timed(prefill(512), a.repeat)
-    out["prefill 2048"] = timed(prefill(2048), a.repeat)
-    out["decode b16 (total)"] = timed(decode(64, 16, 16), a.repeat)
-    out["decode b64 (total)"] = timed(decode(64, 64, 8), a.repeat)
-    return out
+    return the_figures(decode, prefill, a)
 
 
 def llama_cpp_figures(path, a) -> dict | None:
@@ -118,7 +119,7 @@ def llama_cpp_figures(path, a) -> dict | None:
     except ImportError:
         return None
     llm = Llama(str(path), n_ctx=CONTEXT + 128, n_threads=a.threads, n_batch=2048, verbose=False)
-    V, out = llm.n_vocab(), {}
+    V = llm.n_vocab()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(100, V, (CONTEXT + 64,), generator=g).tolist()
 
@@ -140,11 +141,7 @@ def llama_cpp_figures(path, a) -> dict | None:
             return n / (time.perf_counter() - t)
         return run
 
-    out["decode b1, short prompt"] = timed(decode(16, a.tokens), a.repeat)
-    out[f"decode b1, {CONTEXT} context"] = timed(decode(CONTEXT, a.tokens // 2), a.repeat)
-    out["prefill 512"] = timed(prefill(512), a.repeat)
-    out["prefill 2048"] = timed(prefill(2048), a.repeat)
-    return out
+    return the_figures(lambda ctx, rows, steps: decode(ctx, steps), prefill, a, batched=False)
 
 
 def main():
@@ -152,8 +149,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64, help="decode steps per batch-1 run (half at long context)")
-    ap.add_argument("--variants", nargs="+", default=["exact", "compiled", "int4"],
-                    choices=["exact", "compiled", "int4"])
+    ap.add_argument("--variants", nargs="+", default=["exact", "compiled", "int4", "int4+compiled"],
+                    choices=["exact", "compiled", "int4", "int4+compiled"])
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--write", help="append the markdown table to this file")
     a = ap.parse_args()
@@ -165,8 +162,9 @@ def main():
     cols: dict[str, dict] = {}
     notes = []
     for v in a.variants:
-        llm = tokenmill.load(threads=a.threads, compile=v != "exact", int4=v == "int4")
-        if v != "exact":
+        torch._dynamo.reset()  # each variant compiles afresh: dynamo's cache is per code object, shared by every model
+        llm = tokenmill.load(threads=a.threads, compile="compiled" in v, int4="int4" in v)
+        if "compiled" in v:
             notes.append(f"{v}: compile/warm-up {llm.runner.warm_up():.1f} s (kept out of the figures)")
             print(notes[-1], flush=True)
         cols[f"tokenmill {v}"] = tokenmill_figures(llm, a)

@@ -3,7 +3,9 @@ iteration, warps, K splits) against bf16 cuBLAS and torch's int4 tinygemm on Lla
 cuBLAS at 4096 rows; paged decode attention. Times are CUDA-graph replays of 8 copies of each weight in turn (so the L2
 cache holds none), median of 5 replays; GB/s = the layer's bytes (packed weights, scales, zeros) / time.
 
-    PYTHONPATH=. python benchmarks/bench_gpu_kernels.py [--quick] [--write]   # --write: tokenmill/gpu_matvec_table.py
+    PYTHONPATH=. python benchmarks/bench_gpu_kernels.py [--quick] [--write] [--table]
+    # quick: q4g128, rows 1/4/16/64, no prefill/attention; write: tokenmill/gpu_matvec_table.py; table: the configs
+    # in use timed, no sweep
 """
 import itertools
 import statistics
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from tokenmill import gpu_matvec
 from tokenmill.gpu_attention import decode_splits, paged_decode
 from tokenmill.gpu_bench import TinygemmLinear, copy_bandwidth
+from tokenmill.gpu_layers import silu_mul
 from tokenmill.gpu_linear import QuantLinear
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
@@ -44,64 +47,86 @@ def graph_time(fns) -> float:
 
 def candidates(m: int, bits: int, split: bool) -> list[tuple]:
     splits = (1, 2, 4, 8, 16) if split else (1,)
+    dots = (1, 2) if bits == 4 else (1,)
+    mm16 = [("mm", 16, bn, d, w, sp) for bn in (16, 32, 64) for d in dots for w in (2, 4) for sp in splits[:4]
+            if bn >= 8 * w]
     if m == 1 and bits == 4:
-        return [("gemv", bn, u, w, sp) for bn in (8, 16, 32) for u in (2, 4) for w in (1, 2, 4) for sp in splits
-                if bn * 32 // (32 * w) >= 4]  # at least 4 words a thread
+        return [("gemv", bn, u, w, sp) for bn in (16, 32) for u in (2, 4) for w in (1, 2, 4) for sp in splits
+                if bn * 32 // (32 * w) >= 4] + [c for c in mm16 if c[2] == 64]  # at least 4 words a thread
     if m == 1:
-        return [("mm", 1, bn, False, w, sp) for bn in (16, 32) for w in (1, 2) for sp in splits]
+        return [("mm", 1, bn, 0, w, sp) for bn in (16, 32) for w in (1, 2) for sp in splits]
     if m > 16:
-        return [("mm", 64, bn, True, w, sp) for bn in (32, 64) for w in (4, 8) for sp in splits[:3]]
-    return [("mm", 16, bn, True, w, sp) for bn in (16, 32, 64) for w in (2, 4, 8) for sp in splits[:4] if bn >= 8 * w]
+        return [("mm", 64, bn, d, w, sp) for bn in (32, 64) for d in dots for w in (4, 8) for sp in splits[:3]]
+    return mm16
 
 
-def write_table(table: dict) -> None:
+def best_config(layers, x, glu, cands):
+    best = None
+    for cfg in cands:
+        try:
+            t = graph_time([lambda L=L: L.product(x, glu, cfg) for L in layers])
+        except Exception as e:  # a config the compiler rejects (shared memory, registers)
+            print("  skip", cfg, type(e).__name__, str(e)[:120])
+            continue
+        if best is None or t < best[0]:
+            best = (t, cfg)
+    return best
+
+
+def write_table(table: dict, glu_rows: int) -> None:
     with open("tokenmill/gpu_matvec_table.py", "w") as f:
         f.write(f'"""Launch configs of gpu_matvec.py per (rows bucket, N, padded K, bits, group), measured on\n'
                 f'{torch.cuda.get_device_name()} by benchmarks/bench_gpu_kernels.py --write."""\n\nTABLE = {{\n')
         for key, cfg in sorted(table.items()):
             f.write(f"    {key}: {cfg},\n")
         f.write("}\n")
+        f.write(f"GLU_ROWS = {glu_rows}\n")
 
 
-def main(quick: bool, write: bool):
+def main(quick: bool, write: bool, table_only: bool):
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bw / 1e9:.0f} GB/s")
     rows = (1, 4, 16, 64) if quick else (1, 2, 4, 8, 16, 32, 64)
-    table = {}
+    table, glu_rows = {}, 0
     print("shape fmt M | best config: us, GB/s, % of copy bw | rule's config us | bf16 cuBLAS us | tinygemm us")
     for (name, (n, k)), fmt in itertools.product(SHAPES.items(), [(4, 128), (4, 32), (8, 32)]):
         if quick and fmt != (4, 128):
             continue
-        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(COPIES if n * k < 2e8 else 2)]
+        copies = COPIES if n * k < 2e8 else 2
+        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         layers = [QuantLinear.quantize(w, *fmt) for w in dense]
         tiny = [TinygemmLinear(w) for w in dense] if fmt == (4, 128) else None
         nbytes = layers[0].weight_bytes
-        glu = name == "down"  # the model's down_proj computes silu(gate) * up as it loads x
         for m in rows:
-            x = torch.randn(m, 2 * k if glu else k, device="cuda", dtype=torch.bfloat16)
-            best = None
-            for cfg in candidates(m, fmt[0], name not in ("gate_up", "lm_head")):  # their outputs unsplit
-                try:
-                    t = graph_time([lambda L=L: L.partials(x, glu, cfg) for L in layers])
-                except Exception as e:  # a config the compiler rejects (shared memory, registers)
-                    print("  skip", cfg, type(e).__name__, str(e)[:120])
-                    continue
-                if best is None or t < best[0]:
-                    best = (t, cfg)
-            table[(m, n, layers[0].padded_in, *fmt)] = best[1]
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            cands = candidates(m, fmt[0], name not in ("gate_up", "lm_head"))  # these two are read unsplit
+            if table_only:  # time the configs in use only
+                cands = [gpu_matvec.config(m, n, layers[0].padded_in, *fmt)]
+            t, cfg = best_config(layers, x, False, cands)
+            if name == "down" and not table_only:  # the model's down_proj may compute silu(gate) * up as it loads x
+                xg = torch.randn(m, 2 * k, device="cuda", dtype=torch.bfloat16)
+                t_silu = graph_time([lambda: silu_mul(xg)] * 8)
+                t_glu, cfg_glu = best_config(layers, xg, True, cands)
+                print(f"down {fmt} M={m}: silu_mul {t_silu * 1e6:.1f} + {t * 1e6:.1f} us {cfg} | fused silu "
+                      f"{t_glu * 1e6:.1f} us {cfg_glu}")
+                if t_glu < t + t_silu and fmt == (4, 128):
+                    glu_rows, t, cfg = m, t_glu, cfg_glu
+            table[(m, n, layers[0].padded_in, *fmt)] = cfg
             rule = gpu_matvec.config(m, n, layers[0].padded_in, *fmt, table={})
-            t_def = graph_time([lambda L=L: L.partials(x, glu, rule) for L in layers])
-            xk = x[:, :k].contiguous()
-            t_bf = graph_time([lambda w=w: F.linear(xk, w) for w in dense])
-            t_tg = graph_time([lambda L=L: L(xk) for L in tiny]) if tiny else float("nan")
-            print(f"{name} {fmt} M={m} | {best[0] * 1e6:.1f} us {nbytes / best[0] / 1e9:.0f} GB/s "
-                  f"{100 * nbytes / best[0] / bw:.0f}% {best[1]} | {t_def * 1e6:.1f} {rule} | {t_bf * 1e6:.1f} | "
-                  f"{t_tg * 1e6:.1f}", flush=True)
+            t_def = graph_time([lambda L=L: L.product(x, False, rule) for L in layers])
+            t_bf = graph_time([lambda w=w: F.linear(x, w) for w in dense])
+            t_tg = graph_time([lambda L=L: L(x) for L in tiny]) if tiny else float("nan")
+            print(f"{name} {fmt} M={m} | {t * 1e6:.1f} us {nbytes / t / 1e9:.0f} GB/s {100 * nbytes / t / bw:.0f}% "
+                  f"{cfg} | {t_def * 1e6:.1f} {rule} | {t_bf * 1e6:.1f} | {t_tg * 1e6:.1f}", flush=True)
+        for buf in gpu_matvec._ACCUMULATORS.values():
+            buf.zero_()
         del dense, layers, tiny
         torch.cuda.empty_cache()
         if write:  # after every shape, so a cut-short run keeps what it measured
-            write_table(table)
+            write_table(table, glu_rows)
+    if quick:
+        return
     # prefill: dequantize + cuBLAS at 4096 rows
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -127,4 +152,4 @@ def main(quick: bool, write: bool):
 
 
 if __name__ == "__main__":
-    main("--quick" in sys.argv, "--write" in sys.argv)
+    main("--quick" in sys.argv, "--write" in sys.argv, "--table" in sys.argv)

@@ -15,6 +15,18 @@ from tokenmill.gpu_linear import QuantLinear, reference, unpack  # noqa: E402
 from tokenmill.kv_cache import KVCache  # noqa: E402
 from tokenmill.model import Transformer  # noqa: E402
 from tokenmill.paged_cache import PagedKVCache  # noqa: E402
+from tests.test_gpu import SHAPES as GPU_SHAPES, random_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def zeroed_accumulators():
+    # split-K accumulators are process-wide, one per column count; every test starts from zero so one test's leftover
+    # partial sums cannot reach another's (see the closing note of issue 6: a full run failed once without this)
+    from tokenmill import gpu_matvec
+
+    with torch.inference_mode():  # the buffers are made inside inference mode
+        for buf in gpu_matvec._ACCUMULATORS.values():
+            buf.zero_()
 
 
 def rel(a, b):
@@ -100,22 +112,10 @@ def test_fused_ops_match_reference():
 SHAPES = {
     "llama-small": dict(architecture="llama", vocab_size=512, hidden_size=256, intermediate_size=768, num_layers=2,
                         num_heads=8, num_kv_heads=2),
-    "qwen2-7b-layer": dict(architecture="qwen2", vocab_size=4096, hidden_size=3584, intermediate_size=18944,
-                           num_layers=1, num_heads=28, num_kv_heads=4, rope_theta=1e6, attention_bias=True),
     "llama3-8b-layer": dict(architecture="llama", vocab_size=4096, hidden_size=4096, intermediate_size=14336,
                             num_layers=1, num_heads=32, num_kv_heads=8, rope_theta=5e5),
-    "mistral-window": dict(architecture="mistral", vocab_size=1024, hidden_size=256, intermediate_size=512,
-                           num_layers=2, num_heads=8, num_kv_heads=2, sliding_window=24),
+    **{k: GPU_SHAPES[k] for k in ("qwen2-7b-layer", "mistral-window")},
 }
-
-
-def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 0.02)
-    return model.eval()
 
 
 def dequantized_cpu_copy(model: Transformer, gpu: Transformer) -> Transformer:
@@ -164,7 +164,7 @@ def run_paged_graphs(model, ids, n_prompt):
             slot = tab[:, p // 16].long() * 16 + p % 16
             pos = torch.full((3,), p, device="cuda")
             got = graphs.run(torch.full((3,), t, device="cuda"), pos, slot, tab, (pos + 1).int())
-            assert torch.allclose(got[0], got[2])
+            assert rel(got[0], got[2]) < 1e-2  # equal rows, up to the order of split-K's atomic adds
             outs.append(got[:1].clone())
     return torch.cat(outs).float().cpu()
 

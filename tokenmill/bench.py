@@ -30,6 +30,13 @@ DEFAULTS = {"decode_tokens": 256, "prefill": None, "repeat": 3, "context": None,
             "golden_tokens": 32, "model": None, "threads": None, "int4": False, "compile": False, "device": "cpu"}
 
 
+def _fraction(s: str) -> float:
+    x = float(s)
+    if not 0 < x < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1) such as 0.1, got {s}")
+    return x
+
+
 def add_bench_parser(sub, common):
     """Register `bench` on the CLI's subparsers; `common` adds --model, --threads and --int4."""
     from .cli import _positive_int
@@ -41,7 +48,6 @@ def add_bench_parser(sub, common):
     b.add_argument("suites", nargs="*", metavar="SUITE", help=f"{', '.join(SUITE_NAMES)}, all, or report")
     common(b)
     n, ns = dict(type=_positive_int), dict(type=_positive_int, nargs="+")
-    b.add_argument("--device", help="cpu (default) or cuda")
     b.add_argument("--repeat", **n, help="runs per figure after a warm-up; the median is reported (default 3)")
     b.add_argument("--decode-tokens", **n, help="decode: tokens to generate (default 256)")
     b.add_argument("--prefill", **ns, help="prefill: prompt lengths (default 512 2048; suites: 128, 512 ... max)")
@@ -61,6 +67,8 @@ def add_bench_parser(sub, common):
     b.add_argument("--save-baseline", metavar="NAME", help="save the result as baseline NAME")
     b.add_argument("--compare", metavar="NAME", help="compare with baseline NAME (or a .json file); rerun its suites "
                    "with its settings unless suites and flags are given")
+    b.add_argument("--threshold", type=_fraction, help="--compare: smallest relative change that can regress "
+                   "(default 0.05; raise it on a shared machine whose runs drift more than their own spread)")
     b.add_argument("--baseline-dir", help="where baselines are (default ~/.cache/tokenmill/baselines)")
     b.add_argument("--report", metavar="DIR", help="write report.html and PNG plots to DIR (bench report: default "
                    "./bench-report)")
@@ -150,7 +158,7 @@ def run_suites(args, suites: list[str]) -> int:
     print_figures(con, result)
     status = 0
     if base is not None:
-        status = compare_and_print(con, base, result, args.compare, llm.tokenizer)
+        status = compare_and_print(con, base, result, args.compare, llm.tokenizer, args.threshold)
     if args.save_baseline:
         con.print(f"saved baseline {args.save_baseline!r}: "
                   f"{baseline.save(result, args.save_baseline, args.baseline_dir)}")
@@ -180,7 +188,7 @@ def print_figures(con, result: dict):
                   f"{p['n_ctx']} tokens)")
 
 
-def compare_and_print(con, base: dict, result: dict, name: str, tokenizer=None) -> int:
+def compare_and_print(con, base: dict, result: dict, name: str, tokenizer=None, threshold: float | None = None) -> int:
     """Compare, print, store the comparison in `result`; returns 1 on a regression, else 0."""
     from rich.table import Table
 
@@ -188,7 +196,8 @@ def compare_and_print(con, base: dict, result: dict, name: str, tokenizer=None) 
     from .quality import describe_diff
     from .report import VERDICT_COLOURS
 
-    changes, golden = compare(base, result), compare_golden(base.get("golden"), result.get("golden"))
+    changes = compare(base, result, threshold)
+    golden = compare_golden(base.get("golden"), result.get("golden"))
     t = Table(title=f"against baseline {name!r} ({base.get('env', {}).get('date', '?')})")
     for col in ("figure", "baseline", "current", "change", "limit", "verdict"):
         t.add_column(col, justify="left" if col in ("figure", "verdict") else "right")
@@ -231,7 +240,8 @@ def cmd_report(args) -> int:
     result = json.loads(path.read_text(encoding="utf-8"))
     status = 0
     if args.compare:
-        status = compare_and_print(con, load(args.compare, args.baseline_dir), result, args.compare)
+        status = compare_and_print(con, load(args.compare, args.baseline_dir), result, args.compare,
+                                   threshold=args.threshold)
     _render(con, result, args.report or "bench-report")
     return status
 

@@ -102,8 +102,8 @@ def stats_line(c) -> str:
 def _load(args):
     from .llm import load
 
-    return load(args.model, threads=args.threads, template=getattr(args, "template", None), int4=args.int4,
-                compile=getattr(args, "compile", False))
+    return load(args.model, device=args.device or "cpu", threads=args.threads,
+                template=getattr(args, "template", None), int4=args.int4, compile=getattr(args, "compile", False))
 
 
 def cmd_generate(args) -> int:
@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp):
         sp.add_argument("-m", "--model", help="a .gguf file, a Hugging Face model folder, or an alias (default: smollm2)")
         sp.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
+        sp.add_argument("--device", choices=("cpu", "cuda"), help="where the model runs (default: cpu); cuda: bf16 "
+                        "with GGUF 4/8-bit weights kept quantized, Triton kernels and CUDA-graph decode")
         sp.add_argument("--int4", action="store_true", help="decode 4-bit GGUF weights with the packed int4 CPU "
                         "kernel (faster, not bit-exact; default: exact fp32)")
         sp.add_argument("--compile", action="store_true", help="torch.compile the CPU decode path (faster per token; "

@@ -14,6 +14,7 @@ from torch import nn
 import triton  # CUDA path only (see gpu_linear.py)
 import triton.language as tl
 
+from . import gpu_matvec as matvec
 from .gpu_linear import QuantLinear
 from .model import MLP, Attention, DecoderLayer, RMSNorm, Transformer, apply_rope
 from .quants import INT4_GROUP_TYPES, QuantizedTensor
@@ -22,16 +23,17 @@ QUANTS = {"bf16": None, "q4g128": (4, 128), "q4g32": (4, 32), "q8": (8, 32)}
 
 
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, p_ptr, w_ptr, h_ptr, y_ptr, N, S, stride_ps, stride_x, eps,
-                        BLOCK: tl.constexpr, HAS_P: tl.constexpr, NORM: tl.constexpr):
-    # row of x (+ the sum over S of partials p (S, M, N), stored as h) -> y = RMSNorm(row) * w
+def _add_rmsnorm_kernel(x_ptr, p_ptr, w_ptr, h_ptr, y_ptr, N, stride_x, eps,
+                        BLOCK: tl.constexpr, HAS_P: tl.constexpr, ZERO: tl.constexpr, NORM: tl.constexpr):
+    # row of x (+ the row of p (M, N), stored as h; ZERO: p is an accumulator, zeroed) -> y = RMSNorm(row) * w
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_P:
-        for s in range(S):
-            x += tl.load(p_ptr + s * stride_ps + row * N + offs, mask=mask, other=0.0).to(tl.float32)
+        x += tl.load(p_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
+        if ZERO:
+            tl.store(p_ptr + row * N + offs, tl.zeros((BLOCK,), tl.float32), mask=mask)
         x = x.to(h_ptr.dtype.element_ty)  # the residual stream, rounded as the bf16 add rounds it
         tl.store(h_ptr + row * N + offs, x, mask=mask)
         x = x.to(tl.float32)
@@ -54,18 +56,18 @@ def _silu_mul_kernel(x_ptr, y_ptr, I, stride_x, stride_y, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _rope_kernel(x_ptr, S, stride_ps, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, stride_x, stride_c,
-                 H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, POOL: tl.constexpr):
-    # token t, head h of x = sum over S of (S, T, (H + 2 KV) D) q|k|v partials: q heads -> q (T, H, D) rotated;
-    # k heads rotated and v heads -> (T, KV, D), or with POOL straight into the KV pool at slots[t] (-1: nowhere)
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, stride_x, stride_c,
+                 H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, POOL: tl.constexpr, ZERO: tl.constexpr):
+    # token t, head h of x (T, (H + 2 KV) D) q|k|v (ZERO: an accumulator, zeroed as read): q heads -> q (T, H, D)
+    # rotated; k heads rotated and v heads -> (T, KV, D), or with POOL straight into the pool at slots[t] (-1: nowhere)
     t, h = tl.program_id(0), tl.program_id(1)
     d = tl.arange(0, D // 2)
     src = x_ptr + t * stride_x + h * D
-    x1 = tl.zeros((D // 2,), tl.float32)
-    x2 = tl.zeros((D // 2,), tl.float32)
-    for s in range(S):
-        x1 += tl.load(src + s * stride_ps + d).to(tl.float32)
-        x2 += tl.load(src + s * stride_ps + D // 2 + d).to(tl.float32)
+    x1 = tl.load(src + d).to(tl.float32)
+    x2 = tl.load(src + D // 2 + d).to(tl.float32)
+    if ZERO:
+        tl.store(src + d, tl.zeros((D // 2,), tl.float32))
+        tl.store(src + D // 2 + d, tl.zeros((D // 2,), tl.float32))
     x1 = x1.to(q_ptr.dtype.element_ty).to(tl.float32)  # the projection's output, rounded as it is unfused
     x2 = x2.to(q_ptr.dtype.element_ty).to(tl.float32)
     ok = t >= 0
@@ -90,15 +92,15 @@ def _rope_kernel(x_ptr, S, stride_ps, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slo
 
 
 def add_norm(x: torch.Tensor, p: torch.Tensor | None, weight: torch.Tensor | None, eps: float = 0.0):
-    """x (..., N) [+ the sum over S of partials p (S, M, N)] -> (h = x + sum p, RMSNorm(h) * weight); h is x when p is
-    None, the norm is skipped (None) when weight is None."""
+    """x (..., N) [+ p (M, N), a product or an accumulator (zeroed)] -> (h = x + p, RMSNorm(h) * weight); h is x
+    when p is None, the norm is skipped (None) when weight is None."""
     x2 = x.reshape(-1, x.shape[-1])
     M, N = x2.shape
     h = torch.empty(M, N, dtype=x.dtype, device=x.device) if p is not None else x2
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if weight is not None else None
     _add_rmsnorm_kernel[(M,)](x2, p if p is not None else x2, weight if weight is not None else x2, h,
-                              y if y is not None else h, N, p.shape[0] if p is not None else 0, M * N, x2.stride(0),
-                              eps, BLOCK=triton.next_power_of_2(N), HAS_P=p is not None, NORM=weight is not None,
+                              y if y is not None else h, N, x2.stride(0), eps, BLOCK=triton.next_power_of_2(N),
+                              HAS_P=p is not None, ZERO=p is not None and matvec.pending(p), NORM=weight is not None,
                               num_warps=4 if N <= 4096 else 8)
     return h.view(x.shape), (y.view(x.shape) if y is not None else None)
 
@@ -116,11 +118,10 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, H: int, KV: int, D: int, pool=None):
-    """qkv (B, T, (H + 2 KV) D), or (S, B, T, ...) partial sums; cos/sin (B, 1, T, D) -> q (B, T, H, D) rotated,
+    """qkv (B, T, (H + 2 KV) D), a product or an accumulator (zeroed); cos/sin (B, 1, T, D) -> q (B, T, H, D) rotated,
     k (B, T, KV, D) rotated, v (B, T, KV, D). pool = (k_pool, v_pool, slots (B T,)): k and v go there instead (None)."""
-    p = qkv if qkv.dim() == 4 else qkv[None]
-    S, B, T, C = p.shape
-    p = p.contiguous()
+    B, T, C = qkv.shape
+    x = qkv.reshape(B * T, C)
     c, s = cos.reshape(B * T, D), sin.reshape(B * T, D)
     q = torch.empty(B, T, H, D, dtype=cos.dtype, device=qkv.device)
     if pool is None:
@@ -128,8 +129,8 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, H: int, KV
         v, slots = torch.empty_like(k), q  # slots unread
     else:
         k, v, slots = pool
-    _rope_kernel[(B * T, H + 2 * KV)](p, S, B * T * C, c, s, q, k, v, slots, C, c.stride(0), H=H, KV=KV, D=D,
-                                      POOL=pool is not None, num_warps=1)
+    _rope_kernel[(B * T, H + 2 * KV)](x, c, s, q, k, v, slots, x.stride(0), c.stride(0), H=H, KV=KV, D=D,
+                                      POOL=pool is not None, ZERO=matvec.pending(qkv), num_warps=1)
     return (q, k, v) if pool is None else (q, None, None)
 
 
@@ -155,16 +156,16 @@ class GPURMSNorm(nn.Module):
         return rmsnorm(x, self.weight, self.eps)
 
     def add(self, x: torch.Tensor, p: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h = x + the sum of partials p, RMSNorm(h)) in one launch."""
+        """(h = x + p, RMSNorm(h)) in one launch; p a product or a split-K accumulator."""
         return add_norm(x, p, self.weight, self.eps)
 
 
-def partials(mod: nn.Module, x: torch.Tensor, glu: bool = False, split: bool = True) -> torch.Tensor:
-    """x (M, K) -> (S, M, N) whose sum over S is mod(x) (QuantLinear: split-K partial sums; bf16: S = 1);
+def product(mod: nn.Module, x: torch.Tensor, glu: bool = False, split: bool = True) -> torch.Tensor:
+    """x (M, K) -> mod(x) (M, N), or a split-K accumulator that its reader zeroes (QuantLinear.partials);
     glu: x is gate | up (M, 2K) and the input is silu(gate) * up."""
     if isinstance(mod, QuantLinear):
-        return mod.partials(x, glu, split=split)
-    return mod(silu_mul(x) if glu else x)[None]
+        return mod.product(x, glu, split=split)
+    return mod(silu_mul(x) if glu else x)
 
 
 class GPUAttention(nn.Module):
@@ -178,12 +179,12 @@ class GPUAttention(nn.Module):
 
     def forward(self, x, cos, sin, kv):
         B, T, C = x.shape
-        p = partials(self.qkv_proj, x.reshape(B * T, C))
+        p = product(self.qkv_proj, x.reshape(B * T, C))
         pool = kv.store_targets(self.layer) if hasattr(kv, "store_targets") else None
-        q, k, v = rope_qkv(p.view(p.shape[0], B, T, -1), cos, sin, self.n_heads, self.n_kv, self.head_dim, pool)
+        q, k, v = rope_qkv(p.view(B, T, -1), cos, sin, self.n_heads, self.n_kv, self.head_dim, pool)
         t = lambda a: a.transpose(1, 2) if a is not None else None
         out = kv.attend(self.layer, t(q), t(k), t(v), self.window)  # (B, H, T, D)
-        return partials(self.o_proj, out.transpose(1, 2).reshape(B * T, self.n_heads * self.head_dim))
+        return product(self.o_proj, out.transpose(1, 2).reshape(B * T, self.n_heads * self.head_dim))
 
 
 class GPUMLP(nn.Module):
@@ -192,14 +193,17 @@ class GPUMLP(nn.Module):
         self.gate_up_proj, self.down_proj = mlp.gate_up_proj, mlp.down_proj
 
     def forward(self, x):
-        # x (B, T, C) -> down_proj's partial sums; silu(gate) * up is computed as down_proj loads its input
-        gu = partials(self.gate_up_proj, x.reshape(-1, x.shape[-1]), split=False)[0]
-        return partials(self.down_proj, gu, glu=True)
+        # x (B, T, C) -> down_proj's output (M, C); up to GLU_ROWS rows silu(gate) * up is computed as it loads
+        gu = product(self.gate_up_proj, x.reshape(-1, x.shape[-1]), split=False)
+        if gu.shape[0] <= matvec.GLU_ROWS:
+            return product(self.down_proj, gu, glu=True)
+        return product(self.down_proj, silu_mul(gu))
 
 
 class GPUDecoderLayer(nn.Module):
-    """DecoderLayer whose skip additions ride in the norms: a layer passes on (hidden, down_proj partials) and the next
-    layer's input norm adds them (the last layer adds them itself), o_proj's partials likewise in the second norm."""
+    """DecoderLayer whose skip additions ride in the norms: a layer passes on (hidden, down_proj's output, maybe a
+    split-K accumulator) and the next layer's input norm adds them (the last layer adds them itself); o_proj's output
+    likewise goes to the second norm."""
 
     def __init__(self, layer: DecoderLayer, last: bool):
         super().__init__()
@@ -210,7 +214,7 @@ class GPUDecoderLayer(nn.Module):
         self.last = last
 
     def forward(self, x, cos, sin, kv):
-        # x: hidden (B, T, C), or (hidden, the previous layer's down_proj partials)
+        # x: hidden (B, T, C), or (hidden, the previous layer's down_proj output)
         h, y = self.input_layernorm.add(*(x if isinstance(x, tuple) else (x, None)))
         h, y = self.post_attention_layernorm.add(h, self.self_attn(y, cos, sin, kv))
         p = self.mlp(y)

@@ -6,9 +6,9 @@ element k = 256 s + 32 j + i; so nibble j of a span's 32 words is one contiguous
 shift and a mask, no reshuffle. 8-bit: `qweight` (N, Kp) int8. `scales` / `zeros` (Kp / group, N): w = q * scale + zero.
 GGUF Q4_0 / Q4_1 / Q4_K repack exactly (fp16 scales for Q4_0/Q4_1, fp32 for Q4_K's 6-bit x fp16 products); Q8_0 too.
 
-Up to DECODE_ROWS rows the fused dequantize-and-multiply kernels of gpu_matvec.py (split over K, partial sums added by
-the consumer: `QuantLinear.partials`); more rows (prefill) dequantize to bf16 and call cuBLAS. `reference()` is the
-plain PyTorch product.
+Up to DECODE_ROWS rows the fused dequantize-and-multiply kernels of gpu_matvec.py (split over K into an accumulator
+that the consumer reads and zeroes: `QuantLinear.product`); more rows (prefill) dequantize to bf16 and call cuBLAS.
+`reference()` is the plain PyTorch product.
 """
 from __future__ import annotations
 
@@ -74,14 +74,17 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) bf16 -> (..., N)."""
-        p = self.partials(x.reshape(-1, self.in_features))
-        y = p[0] if p.shape[0] == 1 else p.sum(0).to(x.dtype)
+        y = self.product(x.reshape(-1, self.in_features))
+        if matvec.pending(y):
+            y, acc = y.to(x.dtype), y
+            acc.zero_()
         return y.view(*x.shape[:-1], self.out_features)
 
-    def partials(self, x: torch.Tensor, glu: bool = False, config: tuple | None = None, split: bool = True
+    def product(self, x: torch.Tensor, glu: bool = False, config: tuple | None = None, split: bool = True
                  ) -> torch.Tensor:
-        """x (M, K) -> (S, M, N) whose sum over S is x @ W.T + bias: fp32 split-K partial sums, or (1, M, N) in x's
-        dtype (see gpu_matvec.py; always so when not split). glu: x is gate | up (M, 2K), the input silu(gate) * up."""
+        """x (M, K) -> x @ W.T + bias (M, N): in x's dtype, or, split over K, the fp32 accumulator that the reader
+        must zero (`gpu_matvec.pending`; never so when not split). glu: x is gate | up (M, 2K), the input
+        silu(gate) * up."""
         if x.stride(-1) != 1:
             x = x.contiguous()
         M, N = x.shape[0], self.out_features
@@ -90,7 +93,7 @@ class QuantLinear(nn.Module):
 
             w = self.dequantize().to(x.dtype)
             x = silu_mul(x) if glu else x
-            return (torch.addmm(self.bias, x, w.t()) if self.bias is not None else F.linear(x, w))[None]
+            return torch.addmm(self.bias.to(x.dtype), x, w.t()) if self.bias is not None else F.linear(x, w)
         cfg = config or matvec.config(M, N, self.padded_in, self.bits, self.group, _sms(x.device))
         cfg = cfg if split else (*cfg[:-1], 1)
         return matvec.launch(x, self.qweight, self.scales, self.zeros, self.bias, self.bits, self.group,

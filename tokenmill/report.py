@@ -47,6 +47,10 @@ def _plot_curves(plt, result, base, panels, title, path, log_x=True, mark=None) 
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    return _save(plt, fig, title, path)
+
+
+def _save(plt, fig, title, path) -> Path:
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -65,11 +69,7 @@ def _plot_chat(plt, curve, base_curve, title, path) -> Path:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, title, path)
 
 
 def _plot_changes(plt, changes, title, path) -> Path | None:

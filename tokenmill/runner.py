@@ -50,12 +50,10 @@ class ModelRunner:
         bookkeeping stays eager. Compilation happens on the first calls (the first two decode steps and prefills),
         cached on disk by inductor for later processes; `warm_up()` runs it and reports the seconds in `compile_s`."""
         m = self.model
-        opts = {}
-        if hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"):
-            # the layers differ only in their weights, which are graph inputs: skip guarding every module attribute
-            opts["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-        pre = torch.compile(DecoderLayer.attention_inputs, dynamic=True, options=opts)
-        post = torch.compile(DecoderLayer.finish, dynamic=True, options=opts)
+        # (guards on the modules stay: dynamo's cache is per code object, shared by every runner in the process, and
+        # another model's layers may hold other module types)
+        pre = torch.compile(DecoderLayer.attention_inputs, dynamic=True)
+        post = torch.compile(DecoderLayer.finish, dynamic=True)
         for layer in m.model.layers:
             layer.attention_inputs = functools.partial(pre, layer)
             layer.finish = functools.partial(post, layer)
@@ -63,7 +61,7 @@ class ModelRunner:
         qt = loaded.packed.get("model.embed_tokens.weight" if tied else "lm_head.weight")
         if qt is not None and qt.qtype == GGMLQuantizationType.Q8_0 and m.lm_head.in_features % 32 == 0:
             m.lm_head = Q8Linear(qt, m.lm_head.weight)  # compiled below; exact up to summation order
-        m.head = functools.partial(torch.compile(Transformer.head, dynamic=True, options=opts), m)
+        m.head = functools.partial(torch.compile(Transformer.head, dynamic=True), m)
 
     def warm_up(self) -> float:
         """Run the compiled paths once (decode and a prefill chunk) so compilation is kept out of measurements; returns
