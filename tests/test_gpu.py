@@ -32,7 +32,12 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
 def run(model, ids, dtype, device, n_prompt):
     model = model.to(device=device, dtype=dtype)
     model.inv_freq = model.inv_freq.float()
-    cache = KVCache(model.config, 1, 16, dtype, device)
+    return cached_logits(model, ids, n_prompt, dtype, device)
+
+
+def cached_logits(model, ids, n_prompt, dtype, device):
+    """(T, V) fp32 on the CPU: ids[:n_prompt] as one prompt, then one cached decode step per remaining id."""
+    cache = KVCache(model.config, 1, len(ids), dtype, device)
     outs = []
     with torch.inference_mode():
         view = cache.begin([0], [ids[:n_prompt]])
