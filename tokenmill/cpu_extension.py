@@ -1,0 +1,72 @@
+"""Our C++ CPU kernels (`tokenmill/csrc/*.cpp`), compiled once per machine with torch.utils.cpp_extension.
+
+Each source is its own small extension (a broken or missing one never takes the others down) and registers its
+operators with `TORCH_LIBRARY_FRAGMENT(tokenmill, m)`, so after `ops("q4_matmul")` they are `torch.ops.tokenmill.<op>`.
+The build needs a C++ compiler, ninja and an AVX-512 (VNNI, BF16) CPU; where any is missing, or `TOKENMILL_NO_EXT=1`,
+`ops()` returns None and callers keep their PyTorch path. Builds are cached under ~/.cache/tokenmill/ext.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import pathlib
+import warnings
+
+import torch
+
+CSRC = pathlib.Path(__file__).parent / "csrc"
+# AVX-512 with VNNI (u8 x s8 dot products) and BF16; the kernels check nothing at run time, so `ops()` checks the CPU.
+CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16",
+          "-mfma", "-mf16c"]
+NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def unavailable_reason() -> str | None:
+    """Why the extension can't be used here, or None."""
+    if os.environ.get("TOKENMILL_NO_EXT") == "1":
+        return "TOKENMILL_NO_EXT=1"
+    missing = [f for f in NEEDED_CPU_FLAGS if f not in cpu_flags()]
+    if missing:
+        return f"CPU lacks {', '.join(missing)}"
+    return None
+
+
+@functools.cache
+def ops(source: str):
+    """`torch.ops.tokenmill` with `csrc/<source>.cpp` built and loaded, or None (the reason warned once)."""
+    reason = unavailable_reason()
+    if reason is None:
+        try:
+            return _build(CSRC / f"{source}.cpp")
+        except Exception as exc:  # a missing compiler/ninja or a build error: keep the PyTorch path
+            reason = f"build failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}"
+    if os.environ.get("TOKENMILL_NO_EXT") != "1":
+        warnings.warn(f"tokenmill C++ CPU kernel {source} not used ({reason}); falling back to PyTorch", stacklevel=2)
+    return None
+
+
+def _build(src: pathlib.Path):
+    from torch.utils import cpp_extension
+
+    digest = hashlib.sha256(torch.__version__.encode() + " ".join(CFLAGS).encode() + src.read_bytes())
+    name = f"tokenmill_{src.stem}_{digest.hexdigest()[:12]}"
+    build_dir = pathlib.Path(os.environ.get("TOKENMILL_EXT_DIR", pathlib.Path.home() / ".cache" / "tokenmill" / "ext"))
+    build_dir = build_dir / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(name=name, sources=[str(src)], extra_cflags=CFLAGS,
+                       extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False,
+                       verbose=os.environ.get("TOKENMILL_EXT_VERBOSE") == "1")
+    return torch.ops.tokenmill
