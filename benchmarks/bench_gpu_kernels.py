@@ -3,9 +3,9 @@ iteration, warps, K splits) against bf16 cuBLAS and torch's int4 tinygemm on Lla
 cuBLAS at 4096 rows; paged decode attention. Times are CUDA-graph replays of 8 copies of each weight in turn (so the L2
 cache holds none), median of 5 replays; GB/s = the layer's bytes (packed weights, scales, zeros) / time.
 
-    PYTHONPATH=. python benchmarks/bench_gpu_kernels.py [--quick] [--write] [--table]
-    # quick: q4g128, rows 1/4/16/64, no prefill/attention; write: tokenmill/gpu_matvec_table.py; table: the configs
-    # in use timed, no sweep
+    PYTHONPATH=. python benchmarks/bench_gpu_kernels.py [--quick] [--write] [--table] [--rows 1,4]
+    # quick: q4g128, rows 1/4/16/64, no prefill/attention; write: merge into tokenmill/gpu_matvec_table.py; table:
+    # the configs in use timed, no sweep; rows: only these row counts
 """
 import itertools
 import statistics
@@ -74,6 +74,7 @@ def best_config(layers, x, glu, cands):
 
 
 def write_table(table: dict, glu_rows: int) -> None:
+    table = {**gpu_matvec.TABLE, **table}  # entries not measured in this run are kept
     with open("tokenmill/gpu_matvec_table.py", "w") as f:
         f.write(f'"""Launch configs of gpu_matvec.py per (rows bucket, N, padded K, bits, group), measured on\n'
                 f'{torch.cuda.get_device_name()} by benchmarks/bench_gpu_kernels.py --write."""\n\nTABLE = {{\n')
@@ -83,11 +84,11 @@ def write_table(table: dict, glu_rows: int) -> None:
         f.write(f"GLU_ROWS = {glu_rows}\n")
 
 
-def main(quick: bool, write: bool, table_only: bool):
+def main(quick: bool, write: bool, table_only: bool, rows: tuple[int, ...] | None = None):
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bw / 1e9:.0f} GB/s")
-    rows = (1, 4, 16, 64) if quick else (1, 2, 4, 8, 16, 32, 64)
+    rows = rows or ((1, 4, 16, 64) if quick else (1, 2, 4, 8, 16, 32, 64))
     table, glu_rows = {}, 0
     print("shape fmt M | best config: us, GB/s, % of copy bw | rule's config us | bf16 cuBLAS us | tinygemm us")
     for (name, (n, k)), fmt in itertools.product(SHAPES.items(), [(4, 128), (4, 32), (8, 32)]):
@@ -125,7 +126,7 @@ def main(quick: bool, write: bool, table_only: bool):
         torch.cuda.empty_cache()
         if write:  # after every shape, so a cut-short run keeps what it measured
             write_table(table, glu_rows)
-    if quick:
+    if quick or len(rows) < 4:
         return
     # prefill: dequantize + cuBLAS at 4096 rows
     for name, (n, k) in SHAPES.items():
@@ -152,4 +153,6 @@ def main(quick: bool, write: bool, table_only: bool):
 
 
 if __name__ == "__main__":
-    main("--quick" in sys.argv, "--write" in sys.argv, "--table" in sys.argv)
+    rows = sys.argv[sys.argv.index("--rows") + 1] if "--rows" in sys.argv else None
+    main("--quick" in sys.argv, "--write" in sys.argv, "--table" in sys.argv,
+         tuple(int(r) for r in rows.split(",")) if rows else None)

@@ -33,6 +33,9 @@ def _add_rmsnorm_kernel(x_ptr, p_ptr, w_ptr, h_ptr, y_ptr, N, stride_x, eps,
     if HAS_P:
         x += tl.load(p_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
         if ZERO:
+            # the load (laid out like x: 8 bf16 a thread) and this store (4 fp32 a thread) map elements to different
+            # threads and warps: without the barrier a warp may zero partial sums another warp has not read yet
+            tl.debug_barrier()
             tl.store(p_ptr + row * N + offs, tl.zeros((BLOCK,), tl.float32), mask=mask)
         x = x.to(h_ptr.dtype.element_ty)  # the residual stream, rounded as the bf16 add rounds it
         tl.store(h_ptr + row * N + offs, x, mask=mask)
@@ -66,6 +69,7 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, stride_
     x1 = tl.load(src + d).to(tl.float32)
     x2 = tl.load(src + D // 2 + d).to(tl.float32)
     if ZERO:
+        tl.debug_barrier()  # every thread has read its partial sums before any are zeroed (see _add_rmsnorm_kernel)
         tl.store(src + d, tl.zeros((D // 2,), tl.float32))
         tl.store(src + D // 2 + d, tl.zeros((D // 2,), tl.float32))
     x1 = x1.to(q_ptr.dtype.element_ty).to(tl.float32)  # the projection's output, rounded as it is unfused
