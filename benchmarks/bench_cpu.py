@@ -10,11 +10,16 @@ the spread is half the range. Decode figures time the runner's forward + argmax 
 for every engine: HF runs `model(...)` with its DynamicCache step by step, llama.cpp `Llama.eval` token by token.
 Compilation (`compiled`, `int4`) is run once before timing and reported on its own line.
 
-tokenmill variants:
-  exact     fp32 weights dequantized from the GGUF, fused q/k/v and gate/up (bit-exact vs transformers' logits)
-  compiled  exact + torch.compile of each layer's halves + the Q8_0 lm_head kept as int8 blocks (exact)
-  int4      exact + the 4-bit weights through torch's int4 CPU kernel (bf16 activations: ~1% logit error) for
-            fewer than 32 rows (prefill keeps the fp32 GEMM); int4+compiled: both
+tokenmill variants (with our C++ kernels, csrc/quant_matmul.cpp, when they build; `torch-` variants without them,
+TOKENMILL_NO_EXT=1):
+  exact     fused q/k/v and gate/up; Q4_1 layers and the Q8_0 lm_head kept as GGUF blocks, multiplied by our AVX-512
+            kernel with fp32 activations (weights dequantized in registers) below 32 rows, MKL's fp32 GEMM on the
+            dequantized weights from 32 rows (prefill). Exact up to summation order (parity tests hold)
+  compiled  exact + torch.compile of each layer's halves and the head (exact)
+  int4      int8 activations (per block of 32) x the 4-bit layers and the Q8_0 lm_head, VNNI dot products, at every
+            row count (~2.5-3.5% of the logit range with the fp16 KV cache it implies, like llama.cpp's Q4 x Q8 products); int4+compiled: both
+  torch-*   the same without our kernels: fp32 weights (MKL), the compiled Q8_0 lm_head, torch's int4 CPU kernel
+            (bf16 activations, ~1% logit error) for fewer than 32 rows
 """
 import argparse
 import datetime
@@ -149,8 +154,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64, help="decode steps per batch-1 run (half at long context)")
-    ap.add_argument("--variants", nargs="+", default=["exact", "compiled", "int4", "int4+compiled"],
-                    choices=["exact", "compiled", "int4", "int4+compiled"])
+    variants = ["exact", "compiled", "int4", "int4+compiled"]
+    ap.add_argument("--variants", nargs="+", default=variants + ["torch-compiled", "torch-int4+compiled"],
+                    choices=variants + [f"torch-{v}" for v in variants])
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--write", help="append the markdown table to this file")
     a = ap.parse_args()
@@ -163,7 +169,11 @@ def main():
     notes = []
     for v in a.variants:
         torch._dynamo.reset()  # each variant compiles afresh: dynamo's cache is per code object, shared by every model
-        llm = tokenmill.load(threads=a.threads, compile="compiled" in v, int4="int4" in v)
+        os.environ["TOKENMILL_NO_EXT"] = "1" if v.startswith("torch-") else "0"  # read when the runner is made
+        # torch-*: session 2's paths as they were (fp32 KV cache: SDPA would widen a 16-bit cache every step)
+        llm = tokenmill.load(threads=a.threads, compile="compiled" in v, int4="int4" in v,
+                             kv_dtype="float32" if v.startswith("torch-") else None)
+        os.environ.pop("TOKENMILL_NO_EXT")
         if "compiled" in v:
             notes.append(f"{v}: compile/warm-up {llm.runner.warm_up():.1f} s (kept out of the figures)")
             print(notes[-1], flush=True)

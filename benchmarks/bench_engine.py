@@ -93,7 +93,8 @@ def main():
     ap.add_argument("--max-batched-tokens", type=int, default=512, help="tokens per engine step (chunked prefill)")
     ap.add_argument("--data", type=Path)
     ap.add_argument("--compile", action="store_true", help="torch.compile the layers (exact; compiled before timing)")
-    ap.add_argument("--int4", action="store_true", help="4-bit weights through torch's int4 CPU kernel (not exact)")
+    ap.add_argument("--int4", action="store_true", help="the fast CPU path: int8 activations x 4-bit weights (VNNI) "
+                    "and a float16 KV cache (not exact)")
     ap.add_argument("--write", type=Path, help="also write the results as markdown to this file")
     args = ap.parse_args()
 
@@ -108,7 +109,7 @@ def main():
     head = (f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
             f"Python {platform.python_version()}, {datetime.date.today()}\n"
             f"model {llm.loaded.path.name} (fp32 compute, fused q/k/v and gate/up"
-            f"{', compiled' if args.compile else ''}{', int4 decode kernel' if args.int4 else ''}); {len(prompts)} wikitext-2 test lines, prompt tokens "
+            f"{', compiled' if args.compile else ''}{', int4: int8 activations, fp16 KV' if args.int4 else ''}); {len(prompts)} wikitext-2 test lines, prompt tokens "
             f"min {lens[0]} / median {lens[len(lens) // 2]} / max {lens[-1]}; {args.new_tokens} new tokens each\n"
             f"{engine.describe()}\n"
             f"load average at start {os.getloadavg()[0]:.2f} (work other than this benchmark on the machine)")

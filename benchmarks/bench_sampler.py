@@ -1,11 +1,12 @@
 """Sampler time per call at batch 1, 16 and 64, against the default model's decode step at the same batch.
 
     python benchmarks/bench_sampler.py [--device cpu|cuda] [--threads 2] [--clock wall|cpu] [--history 640]
-                                       [--synthetic] [--seeded]
+                                       [--synthetic] [--seeded] [--torch-sampler]
 
 The logits are the model's own, captured from its decode steps (--synthetic: randn * 3, much flatter than a
 model's, so top_p and min_p keep far more tokens); each row's history is `--history` random prompt tokens plus
-the tokens sampled so far. Timings are medians over --iters calls. On a machine shared with other work, wall time
+the tokens sampled so far (--torch-sampler: the sampler's PyTorch path, without its C++ kernels). Timings are medians
+over --iters calls. On a machine shared with other work, wall time
 swings with the load (a parallel op can wait ~10 ms for its second thread); `--threads 1 --clock cpu` counts this
 thread's CPU time instead, the model's and the sampler's alike.
 """
@@ -16,6 +17,7 @@ import time
 
 import torch
 
+import tokenmill.sampler
 from tokenmill.sampler import Sampler, SeqSamplingState
 from tokenmill.sampling import SamplingParams
 
@@ -93,11 +95,14 @@ def main():
     ap.add_argument("--steps", type=int, default=8, help="model decode steps timed (and logits kept) per batch")
     ap.add_argument("--synthetic", action="store_true", help="randn * 3 logits; skips the model")
     ap.add_argument("--seeded", action="store_true", help="also time seeded rows (their noise is drawn row by row)")
+    ap.add_argument("--torch-sampler", action="store_true", help="the sampler without its C++ kernels")
     args = ap.parse_args()
     if args.clock == "cpu" and (args.threads != 1 or args.device != "cpu"):
         ap.error("--clock cpu counts one thread: it needs --threads 1 and --device cpu")
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
+    if args.torch_sampler:
+        tokenmill.sampler._kernels = lambda: None
     if args.synthetic:
         g = torch.Generator().manual_seed(0)
         step_ms = None
@@ -106,8 +111,9 @@ def main():
         step_ms, logits = model_steps(args.device, args.steps, clock)
     V = logits[1][0].shape[-1]
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, V {V}, "
-          f"history {args.history} tokens, {'synthetic' if args.synthetic else 'model'} logits; median {args.clock} "
-          f"ms per call")
+          f"history {args.history} tokens, {'synthetic' if args.synthetic else 'model'} logits, sampler "
+          f"{'PyTorch only' if tokenmill.sampler._kernels() is None else 'with C++ kernels'}; median {args.clock} ms "
+          f"per call")
     if step_ms:
         print(f"  {'model decode step':26s}          " + "  ".join(f"B={B}: {step_ms[B]:7.1f}" for B in BATCHES))
     for name, cfg in CONFIGS.items():

@@ -582,6 +582,29 @@ def test_history_follows_appends_and_rewinds():
     assert sampler(logits, [s]).tokens.item() == 5
 
 
+def test_penalties_follow_the_history_step_by_step():
+    # the history kept between calls (one column more each step) against the reference, through rewinds
+    rng = np.random.default_rng(30)
+    v = 40  # small: many repeats
+    params = [P(repetition_penalty=1.5, repetition_range=6, repetition_decay=3, frequency_penalty=0.3,
+                presence_penalty=0.2, dry_multiplier=0.7, dry_allowed_length=2, dry_range=25),
+              P(repetition_penalty=1.3), P(temperature=0.7, dry_multiplier=0.5, dry_allowed_length=1), P(top_k=5),
+              P(top_k=3, logit_bias={7: 4.0, 8: -2.0}, disallowed_tokens=[1, 2], repetition_penalty=1.1, min_p=0.1,
+                dry_multiplier=0.9, dry_allowed_length=1), P(temperature=0, logit_bias={33: 9.0}, presence_penalty=0.5)]
+    prompt = list(rng.integers(0, v, 12))
+    ss, sampler = states(params, prompt), Sampler(v)
+    for step in range(40):
+        logits = rng.normal(0, 1, (len(params), v))
+        probs = sampler.probs(torch.tensor(logits, dtype=torch.float32), ss)
+        assert_rows(probs, [ref_probs(logits[i], p, prompt, s.output_ids) for i, (p, s) in enumerate(zip(params, ss))],
+                    1e-4)
+        for s in ss:
+            s.output_ids.append(int(rng.integers(0, 6)) if step % 3 else int(rng.integers(0, v)))
+        if step in (15, 30):  # a rewind in one row, then in all
+            for s in ss[:1] if step == 15 else ss:
+                del s.output_ids[-3:]
+
+
 def test_padded_vocab_columns_never_drawn():
     logits = torch.zeros(1, 12)
     logits[0, 10:] = 50.0
@@ -616,7 +639,7 @@ CANDIDATE_BATCH = [
     P(top_p=0.97, min_p=0.05), P(top_p=0.97, min_p=0.05, top_a=0.01, temperature=0.7),
     P(smoothing_factor=0.4, min_p=0.1, temperature=0.7), P(smoothing_factor=0.3, top_k=15, temperature=1.6),
 ]
-SMALL_TIERS = ((4, 6, 200), (4, 40, 600))  # V = 1000: 250 blocks, so the bounds cut and some rows fall back
+SMALL_TIERS = ((4, 6, 0.0, 200), (4, 40, 2.0, 600))  # V = 1000: 250 blocks, so the bounds cut and some rows fall back
 
 
 @pytest.fixture
@@ -641,11 +664,11 @@ def test_candidate_space_matches_reference_and_falls_back(routes):
     probs = Sampler(1000).probs(torch.tensor(logits, dtype=torch.float32), states(CANDIDATE_BATCH))
     assert_rows(probs, [ref_probs(logits[i], p, mu=2 * p.mirostat_tau) for i, p in enumerate(CANDIDATE_BATCH)])
     (groups, rest), = routes
-    assert groups[0][:3] == [0, 1, 2] and 3 in groups[1]  # top_p 0.6 needed the second tier
-    # top_p 0.97 spreads over too many tokens, so does min_p 0.01 at T 1.5, and typical 0.3 over this flat a row;
-    # tfs first and no filter (rows 11, 12) always use the full vocabulary. Row 21 takes min_p's bound instead of
+    assert groups[0][:3] == [0, 1, 2] and groups[1] == [3, 22]  # top_p 0.6 and 0.97 needed the second tier's margin
+    # top_p 0.97 at T 1 spreads over too many tokens, so does min_p 0.01 at T 1.5, and typical 0.3 over this flat a
+    # row; tfs first and no filter (rows 11, 12) always use the full vocabulary. Row 21 takes min_p's bound instead of
     # top_p's (row 22 cannot: top_a between them measures mass).
-    assert {4, 6, 8, 11, 12, 22} <= set(rest) and 18 not in rest and not set(rest) & set(sum(groups, []))
+    assert {4, 6, 8, 11, 12} <= set(rest) and 18 not in rest and not set(rest) & set(sum(groups, []))
     assert 21 in groups[0] and {19, 23, 24} <= set(groups[0])  # smoothed in candidate space (not 20: top_p first)
 
 
@@ -726,8 +749,8 @@ def random_params(rng):
 def test_random_batches_in_candidate_space_match_reference(monkeypatch):
     rng = np.random.default_rng(29)
     for trial in range(20):
-        first = (4, int(rng.integers(2, 10)), int(rng.integers(20, 300)))
-        monkeypatch.setattr(sampler_module, "_TIERS", (first, (4, 40, 600), (4, 1 << 30, 2000)))
+        first = (4, int(rng.integers(2, 10)), float(rng.choice([0.0, 0.5, 2.0])), int(rng.integers(20, 300)))
+        monkeypatch.setattr(sampler_module, "_TIERS", (first, (4, 40, 4.0, 600), (4, 1 << 30, 40.0, 2000)))
         v = int(rng.choice([64, 300, 1003]))
         params = [random_params(rng) for _ in range(int(rng.integers(1, 8)))]
         logits = tie_logits(rng, len(params), v) * rng.choice([1, 3])
@@ -762,19 +785,50 @@ def test_seeded_rows_reproduce_across_candidate_groups(routes):
     assert any(2 in sum(groups, []) for groups, _ in routes) and any(1 in rest for _, rest in routes)
 
 
-def test_sampler_buffers_are_reused_and_stay_zero():
+@pytest.mark.parametrize("kernels", [False, True])
+def test_sampler_buffers_are_reused_and_the_logits_left_unchanged(monkeypatch, kernels):
+    if kernels:
+        kernel_or_skip()
+    else:
+        monkeypatch.setattr(sampler_module, "_kernels", lambda: None)
     rng = np.random.default_rng(25)
-    v = 64
-    sampler = Sampler(v)
+    v = 1 << 14  # long enough for the history's edits to go into the caller's logits (and be undone)
+    sampler = Sampler(v - 2)  # a padded head: two columns set to -inf, and put back
     for b in (2, 6, 3):
         params = [P(repetition_penalty=1.3, repetition_range=5, repetition_decay=2, frequency_penalty=0.2,
-                    dry_multiplier=0.5, dry_allowed_length=1, seed=i) for i in range(b)]
+                    dry_multiplier=0.5, dry_allowed_length=1, seed=i, logit_bias={3: 2.0}, disallowed_tokens=[4],
+                    min_new_tokens=20, top_k=5 + i) for i in range(b)]
         prompt, outputs = list(rng.integers(0, v, 30)), [list(rng.integers(0, v, 10)) for _ in range(b)]
         logits = torch.tensor(rng.normal(0, 1, (b, v)), dtype=torch.float32)
-        got = sampler.probs(logits, states(params, prompt, outputs))
-        torch.testing.assert_close(got, Sampler(v).probs(logits, states(params, prompt, outputs)), rtol=0, atol=0)
-        assert not sampler._buffers["zeros"].any()
-    assert sampler._buffers["zeros"].shape[0] == 6
+        before = logits.clone()
+        if b == 3:  # the owners map's stamp wraps around: the map is cleared
+            sampler._stamp = 2 ** 31 - 10
+        ss = states(params, prompt, outputs, eos=[7])
+        ss[0].banned_now.add(9)
+        got = sampler.probs(logits, ss)
+        torch.testing.assert_close(logits, before, rtol=0, atol=0)
+        ss = states(params, prompt, outputs, eos=[7])
+        ss[0].banned_now.add(9)
+        torch.testing.assert_close(got, Sampler(v - 2).probs(logits, ss), rtol=0, atol=0)
+        sampler(logits, ss)
+        torch.testing.assert_close(logits, before, rtol=0, atol=0)
+    if not kernels:  # the kernel's penalties need no owners map
+        assert sampler._buffers["owners"].shape[0] == 6 and sampler._stamp < 2 ** 20
+    assert "x" not in sampler._buffers  # the caller's logits served as the working tensor
+
+
+def test_inference_tensors_from_the_runner_are_edited_and_restored():
+    v = 1 << 12
+    with torch.inference_mode():  # as the runner's decode returns them
+        logits = torch.randn(3, v)
+    before = logits.clone()
+    ss = states([P(logit_bias={5: 3.0}, disallowed_tokens=[6], repetition_penalty=1.2, top_p=0.9)] * 3, [5, 6, 7])
+    assert set(Sampler(v)(logits, ss).tokens.tolist()) <= set(range(v)) - {6}
+    torch.testing.assert_close(logits, before, rtol=0, atol=0)
+    ss[1].banned_now.add(v + 5)  # out of range: the call fails after some edits, and undoes them
+    with pytest.raises((IndexError, RuntimeError)):
+        Sampler(v)(logits, ss)
+    torch.testing.assert_close(logits, before, rtol=0, atol=0)
 
 
 def test_argmax_takes_the_first_maximum():
@@ -785,6 +839,116 @@ def test_argmax_takes_the_first_maximum():
         x[1, -1] = 99.0
         x[2, [3, v - 1]] = 99.0
         assert torch.equal(sampler_module._argmax(x), x.argmax(-1))
+
+
+@pytest.mark.parametrize("descending", [True, False])
+def test_sort_is_stable_and_matches_torch(descending):
+    rng = np.random.default_rng(31)
+    x = torch.tensor(np.round(rng.normal(0, 3, (20, 300)) * 2) / 2, dtype=torch.float32)  # many ties
+    x[0, :5], x[1, 7], x[2, 9] = NEG, -0.0, np.inf
+    x[3] = 0.0
+    ids = torch.tensor(rng.integers(0, 2 ** 31 - 1, x.shape)).sort(-1).values  # ascending, as the candidates' ids
+    values, got = sampler_module._sort(x, descending, ids)
+    want_values, order = x.sort(dim=-1, descending=descending, stable=True)
+    assert torch.equal(values, want_values) and torch.equal(got, ids.gather(1, order))
+    assert torch.equal(sampler_module._sort(x, descending)[1], order)
+
+
+# ---------------------------------------------------------------- C++ kernels (csrc/sampler.cpp) vs the PyTorch path
+
+def kernel_or_skip():
+    from tokenmill.cpu_extension import unavailable_reason
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    lib = sampler_module._kernels()
+    assert lib is not None, "csrc/sampler.cpp did not build"
+    return lib
+
+
+@pytest.mark.parametrize("v, G", [(1000, 4), (1003, 32), (4096, 32), (4096, 64)])
+def test_kernels_match_the_torch_path(monkeypatch, v, G):
+    lib = kernel_or_skip()
+    rng = np.random.default_rng(32)
+    x = torch.tensor(tie_logits(rng, 12, v, n_inf=30), dtype=torch.float32)  # ties everywhere, -inf in places
+    x[0, :] = NEG
+    x[1, : v // 2] = NEG  # whole blocks of -inf
+    x[2, 5] = -0.0
+    x[3, :] = 1.5  # one value throughout
+    rows = [0, 1, 2, 3, 5, 7, 8, 11]
+    torch_path = lambda: monkeypatch.setattr(sampler_module, "_kernels", lambda: None)
+    kernel_path = lambda: monkeypatch.setattr(sampler_module, "_kernels", lambda: lib)
+
+    torch_path()
+    blocks = sampler_module._blocks(x, G, torch.amax)
+    kernel_path()
+    assert torch.equal(sampler_module._blocks(x, G, torch.amax), blocks)
+
+    bm = blocks[rows]
+    top = bm[:, :1].clone()
+    top[0] = 0.0  # a finite top for the all -inf row
+    top[1:] = bm[1:].amax(-1, keepdim=True)
+    t = torch.tensor([[1.0], [0.7], [1.0], [2.0], [1.0], [1.3], [1.0], [0.5]])
+    want = [None, None]
+    for k, path in enumerate((torch_path, kernel_path)):
+        path()
+        want[k] = sampler_module._masses(x, rows, top, t, G, True, torch.empty(8, v))
+    torch.testing.assert_close(want[1][0], want[0][0], rtol=1e-5, atol=1e-30)
+    torch.testing.assert_close(want[1][1], want[0][1], rtol=1e-4, atol=1e-5, equal_nan=True)
+    # block maxima, masses and entropy in one pass, from each row's own maximum (rows 1.. : row 0's is -inf)
+    t_all = torch.zeros(len(x)).index_copy_(0, torch.tensor(rows), t.view(-1))
+    got_blocks, got_mass, got_h = lib.block_masses(x, t_all, G, True)
+    assert torch.equal(got_blocks, blocks) and not got_mass[[4, 6, 9, 10]].any()
+    top = bm.amax(-1, keepdim=True)
+    torch_path()
+    mass, h = sampler_module._masses(x, rows[1:], top[1:], t[1:], G, True, torch.empty(8, v))
+    torch.testing.assert_close(got_mass[rows[1:]], mass, rtol=1e-5, atol=1e-30)
+    torch.testing.assert_close(got_h[rows[1:]], h, rtol=1e-4, atol=1e-5)
+    assert got_mass[0].isnan().all()  # as torch's: -inf - -inf
+
+    for tau, cap in (([NEG, 2.0, -0.0, 1.5, 3.25, 2.5, 4.0, 1.0], v), ([0.0] * 8, 300), ([9.0] * 8, v)):
+        tau = torch.tensor(tau)
+        out = [None, None]
+        for k, path in enumerate((torch_path, kernel_path)):
+            path()
+            out[k] = sampler_module._gather(x, rows, bm, tau, G, cap)
+        (want_classes, want_counts), (got_classes, got_counts) = out
+        assert [min(c, cap + 1) for c in want_counts] == got_counts
+        assert len(got_classes) == len(want_classes)
+        for (sel, vals, ids), (sel_w, vals_w, ids_w) in zip(got_classes, want_classes):
+            assert sel == sel_w and torch.equal(vals, vals_w) and torch.equal(ids, ids_w)
+
+
+def test_sampler_with_and_without_kernels(monkeypatch):
+    lib = kernel_or_skip()
+    rng = np.random.default_rng(33)
+    default_tiers = sampler_module._TIERS
+    for v, tiers in ((1000, SMALL_TIERS), (4096, default_tiers)):  # G = 4, and the default tiers' G = 32
+        monkeypatch.setattr(sampler_module, "_TIERS", tiers)
+        logits = torch.tensor(tie_logits(rng, len(CANDIDATE_BATCH), v) * 2, dtype=torch.float32)
+        probs = []
+        for kernels in (None, lib):
+            monkeypatch.setattr(sampler_module, "_kernels", lambda: kernels)
+            probs.append(Sampler(v).probs(logits, states(CANDIDATE_BATCH)))
+        torch.testing.assert_close(probs[1], probs[0], rtol=1e-4, atol=1e-6)
+    # penalties over a window long enough for the copy (the kernel's penalties), DRY, bias and bans after them
+    v = 4096
+    prompt = rng.integers(0, 300, 400).tolist()  # many repeats
+    params = [P(repetition_penalty=1.3, top_k=40), P(repetition_penalty=1.1, repetition_range=64, repetition_decay=32,
+                                                     frequency_penalty=0.3, presence_penalty=-0.5, top_p=0.9),
+              P(frequency_penalty=-0.4, logit_bias={5: 2.0}, disallowed_tokens=[7], min_p=0.05),
+              P(repetition_penalty=1.2, dry_multiplier=0.8, temperature=0), P(top_k=5)]
+    outputs = [rng.integers(0, 300, n).tolist() for n in (0, 30, 80, 10, 5)]
+    logits = torch.tensor(tie_logits(rng, len(params), v), dtype=torch.float32)
+    padded = logits.clone()
+    padded[:, -5:] = 50.0  # the block maxima must not keep these
+    for vocab, lg in ((v - 5, padded), (v, logits)):  # a padded head too: its columns set to -inf
+        probs = []
+        for kernels in (None, lib):
+            monkeypatch.setattr(sampler_module, "_kernels", lambda: kernels)
+            probs.append(Sampler(vocab).probs(lg, states(params, prompt, outputs)))
+        torch.testing.assert_close(probs[1], probs[0], rtol=1e-4, atol=1e-6)
+    assert_rows(probs[1], [ref_probs(logits[i].numpy(), p, prompt, outputs[i]) for i, p in enumerate(params)])
 
 
 def test_inverse_cdf_draws_only_positive_probabilities_in_proportion():

@@ -103,7 +103,8 @@ def _load(args):
     from .llm import load
 
     return load(args.model, device=args.device or "cpu", threads=args.threads,
-                template=getattr(args, "template", None), int4=args.int4, compile=getattr(args, "compile", False))
+                template=getattr(args, "template", None), int4=args.int4, compile=getattr(args, "compile", False),
+                kv_dtype=getattr(args, "kv_dtype", None))
 
 
 def cmd_generate(args) -> int:
@@ -168,10 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
         sp.add_argument("--device", choices=("cpu", "cuda"), help="where the model runs (default: cpu); cuda: bf16 "
                         "with GGUF 4/8-bit weights kept quantized, Triton kernels and CUDA-graph decode")
-        sp.add_argument("--int4", action="store_true", help="decode 4-bit GGUF weights with the packed int4 CPU "
-                        "kernel (faster, not bit-exact; default: exact fp32)")
-        sp.add_argument("--compile", action="store_true", help="torch.compile the CPU decode path (faster per token; "
-                        "the first run compiles for tens of seconds, cached on disk afterwards)")
+        sp.add_argument("--int4", action="store_true", help="the fast CPU path: int8-rounded activations x 4-bit "
+                        "weights (VNNI) and a float16 KV cache (faster, not bit-exact; default: exact)")
+        sp.add_argument("--compile", action="store_true", help="torch.compile the CPU layer code around attention "
+                        "(exact; the first run compiles, cached on disk afterwards)")
+        sp.add_argument("--kv-dtype", choices=("float32", "float16", "bfloat16"), help="KV cache storage on the CPU "
+                        "(default: float32, exact; float16 with --int4)")
 
     g = sub.add_parser("generate", help="generate text for one prompt, streaming it", description=(
         "Generate a continuation of PROMPT (or, with --chat, the model's reply to it) and print it as it streams, "

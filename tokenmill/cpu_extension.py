@@ -1,7 +1,7 @@
 """Our C++ CPU kernels (`tokenmill/csrc/*.cpp`), compiled once per machine with torch.utils.cpp_extension.
 
 Each source is its own small extension (a broken or missing one never takes the others down) and registers its
-operators with `TORCH_LIBRARY_FRAGMENT(tokenmill, m)`, so after `ops("q4_matmul")` they are `torch.ops.tokenmill.<op>`.
+operators with `TORCH_LIBRARY_FRAGMENT(tokenmill, m)`, so after `ops("quant_matmul")` they are `torch.ops.tokenmill.<op>`.
 The build needs a C++ compiler, ninja and an AVX-512 (VNNI, BF16) CPU; where any is missing, or `TOKENMILL_NO_EXT=1`,
 `ops()` returns None and callers keep their PyTorch path. Builds are cached under ~/.cache/tokenmill/ext.
 """

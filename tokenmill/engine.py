@@ -99,7 +99,7 @@ class LLMEngine:
             memory = default_kv_memory(self.runner.device)
         else:
             memory = parse_memory(kv_cache_memory) if isinstance(kv_cache_memory, str) else int(kv_cache_memory)
-        per_block = PagedKVCache.bytes_per_block(cfg, block_size, self.runner.dtype)
+        per_block = PagedKVCache.bytes_per_block(cfg, block_size, self.runner.kv_dtype or self.runner.dtype)
         useful = max_num_seqs * -(-llm.context_length // block_size)  # every request at full context
         num_blocks = min(memory // per_block, useful)
         if num_blocks < 1:

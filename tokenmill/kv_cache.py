@@ -3,12 +3,16 @@
 Layout per layer: k, v (rows, n_kv, capacity, head_dim). The cache remembers each row's token ids, so a new prompt can
 reuse the longest cached prefix (chat turns) and the cache can be reset or truncated (ExLlamaV2's
 `cache.current_seq_len = 0`). The model only sees `KVView.attend`; a paged cache can replace this class behind it.
+Decode steps (one new token per row) on the CPU read the rows in place through the C++ kernel (cpu_attention.py);
+prompts, and decodes where the kernel is missing, run SDPA over the rows' slices. The storage dtype may be 16-bit under
+an fp32 model (fp32 arithmetic either way).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from . import cpu_attention
 from .config import ModelConfig
 
 
@@ -92,6 +96,12 @@ class ContiguousKVView:
         self._slice = rows == list(range(first, first + len(rows))) and len(set(starts)) == 1
         self._rows_t = torch.tensor(rows, device=dev)
         self._masks: dict[int | None, torch.Tensor | None] = {}
+        # decode on the CPU kernel: each row is one "block" of the permuted cache (rows, capacity, KV, D)
+        c = cache.cfg
+        self._kernel = n_new == 1 and cpu_attention.available(dev, c.head_dim, cache.dtype)
+        if self._kernel:
+            self._tables = self._rows_t[:, None]  # (B, 1)
+            self._lengths = torch.tensor(starts, device=dev) + 1  # (B,) keys per row, the new one included
 
     def _mask(self, window: int | None) -> torch.Tensor | None:
         # (B, 1, T, end) bool, True where query t of row b may attend key j; None when plain causal/full suffices
@@ -118,20 +128,31 @@ class ContiguousKVView:
             r0, r1, s = self.rows[0], self.rows[-1] + 1, self.starts[0]
             K[r0:r1, :, s : s + T] = k
             V[r0:r1, :, s : s + T] = v
+            if self._kernel:
+                return self._decode(q, K, V, window)
             keys, values = K[r0:r1, :, :end], V[r0:r1, :, :end]
         else:
             # scatter each row's T new entries at its own positions; (B, T) advanced indices -> (B, T, KV, D)
-            K[self._rows_t[:, None], :, self.positions] = k.transpose(1, 2)
-            V[self._rows_t[:, None], :, self.positions] = v.transpose(1, 2)
+            K[self._rows_t[:, None], :, self.positions] = k.transpose(1, 2).to(K.dtype)
+            V[self._rows_t[:, None], :, self.positions] = v.transpose(1, 2).to(V.dtype)
+            if self._kernel:
+                return self._decode(q, K, V, window)
             keys, values = K[self._rows_t, :, :end], V[self._rows_t, :, :end]
         mask = self._mask(window)
         return attention(q, keys, values, mask)
+
+    def _decode(self, q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, window: int | None) -> torch.Tensor:
+        # q (B, H, 1, D) over the rows' cached keys, read in place -> (B, H, 1, D)
+        out = cpu_attention.decode_attention(q[:, :, 0], K.transpose(1, 2), V.transpose(1, 2), self._tables,
+                                             self._lengths, window)
+        return out[:, :, None]
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """SDPA of q (B, H, T, D) over keys/values (B, KV, S, D); mask (B, 1, T, S) bool or None (plain causal)."""
     B, H, T, D = q.shape
     KV = keys.shape[1]
+    keys, values = keys.to(q.dtype), values.to(q.dtype)  # a 16-bit cache under an fp32 model
     if T == 1 and H != KV:
         # decode with grouped-query attention: each kv head's G = H / KV query heads become G query rows of one
         # head, so the keys are read once per kv head instead of once per query head (mask (B,1,1,S) broadcasts)

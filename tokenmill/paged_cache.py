@@ -6,7 +6,8 @@ single row (input_ids and positions (1, N)); `PagedKVView.attend` writes their k
 sequences with one new token (decodes, placed first in the pack) together as one padded batch, each longer chunk
 (prefill) on its own with a causal mask offset by its cached length. Decodes sorted by length attend in a few groups
 of similar length, so short ones are not padded to the longest. Plain PyTorch gather + SDPA, any device; on CUDA the
-k/v store and all decodes are Triton kernels reading through the block tables (gpu_attention.py).
+k/v store and all decodes are Triton kernels reading through the block tables (gpu_attention.py), on the CPU all
+decodes are one call of the C++ kernel that reads the blocks in place (cpu_attention.py).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import re
 import torch
 import torch.nn.functional as F
 
+from . import cpu_attention
 from .config import ModelConfig
 from .errors import InvalidRequestError
 
@@ -93,7 +95,13 @@ class PagedKVView:
         # positions (B,)); then each prefill chunk alone: (offset, new tokens, cached tokens, block ids)
         self._decodes, self._chunks = [], []
         self._gpu = None  # CUDA: all decodes in one Triton launch, (count, tables (B, W) int32, keys (B,) int32, splits)
-        if dev.type == "cuda" and n_dec:
+        self._cpu = None  # CPU kernel: all decodes in one call reading the blocks in place, (count, tables, keys)
+        cfg = cache.cfg
+        if n_dec and cpu_attention.available(dev, cfg.head_dim, cache.dtype):
+            width = max(s // bs for s in starts[:n_dec]) + 1
+            padded = [t[:width] + [0] * (width - min(width, len(t))) for t in tables[:n_dec]]
+            self._cpu = (n_dec, torch.tensor(padded, dtype=torch.long), torch.tensor(starts[:n_dec]) + 1)
+        elif dev.type == "cuda" and n_dec:
             from .gpu_attention import decode_splits
 
             width = max(s // bs for s in starts[:n_dec]) + 1
@@ -101,7 +109,8 @@ class PagedKVView:
             self._gpu = (n_dec, torch.tensor(padded, dtype=torch.int32, device=dev),
                          torch.tensor([s + 1 for s in starts[:n_dec]], dtype=torch.int32, device=dev),
                          decode_splits(n_dec, cache.cfg.num_kv_heads, max(starts[:n_dec]) + 1))
-        for lo, hi in _split_by_width([s // bs + 1 for s in starts[:n_dec]] if self._gpu is None else []):
+        grouped = self._gpu is None and self._cpu is None
+        for lo, hi in _split_by_width([s // bs + 1 for s in starts[:n_dec]] if grouped else []):
             width = max(s // bs for s in starts[lo:hi]) + 1  # blocks up to the one holding the new token
             padded = [t[:width] + [0] * (width - min(width, len(t))) for t in tables[lo:hi]]
             self._decodes.append((lo, hi - lo, torch.tensor(padded, dtype=torch.long, device=dev),
@@ -156,14 +165,19 @@ class PagedKVView:
                 out = paged_decode(q[0, :, :n_dec].transpose(0, 1), K, V, tables, lengths, window, splits)
                 outs.append(out.transpose(0, 1)[None])  # (1, H, n_dec, D)
         else:
-            K.view(-1, KV, D).index_copy_(0, self._slots, k[0].transpose(0, 1))
-            V.view(-1, KV, D).index_copy_(0, self._slots, v[0].transpose(0, 1))
+            K.view(-1, KV, D).index_copy_(0, self._slots, k[0].transpose(0, 1).to(K.dtype))
+            V.view(-1, KV, D).index_copy_(0, self._slots, v[0].transpose(0, 1).to(V.dtype))
+            if self._cpu is not None:
+                n_dec, tables, lengths = self._cpu
+                out = cpu_attention.decode_attention(q[0, :, :n_dec].transpose(0, 1), K, V, tables, lengths, window)
+                outs.append(out.transpose(0, 1)[None])  # (1, H, n_dec, D)
         for off, B, blocks, starts in self._decodes:
             width = blocks.shape[1]
             # the H / KV query heads sharing a kv head go in as that head's queries: (B, KV, H / KV, D), no GQA expand
             qd = q[0, :, off : off + B].transpose(0, 1).reshape(B, KV, H // KV, D)
-            keys = K.index_select(0, blocks.flatten()).view(B, width * bs, KV, D).transpose(1, 2)  # (B, KV, L, D)
-            values = V.index_select(0, blocks.flatten()).view(B, width * bs, KV, D).transpose(1, 2)
+            # (B, KV, L, D), widened when the pool is 16-bit under an fp32 model
+            keys = K.index_select(0, blocks.flatten()).view(B, width * bs, KV, D).transpose(1, 2).to(q.dtype)
+            values = V.index_select(0, blocks.flatten()).view(B, width * bs, KV, D).transpose(1, 2).to(q.dtype)
             mask = self._decode_mask(off, width, starts, window)
             out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=mask)
             outs.append(out.reshape(B, H, D).transpose(0, 1)[None])  # (1, H, B, D)
@@ -180,6 +194,7 @@ class PagedKVView:
             else:
                 keys = K.index_select(0, blocks).view(1, -1, KV, D)[:, :end].transpose(1, 2)  # (1, KV, end, D)
                 values = V.index_select(0, blocks).view(1, -1, KV, D)[:, :end].transpose(1, 2)
+                keys, values = keys.to(q.dtype), values.to(q.dtype)  # a 16-bit pool under an fp32 model
             mask = self._chunk_mask(off, n, start, window)
             outs.append(F.scaled_dot_product_attention(
                 q[:, :, off : off + n], keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa))

@@ -29,10 +29,11 @@ def copy_bandwidth_gbs(mb: int = 256, repeat: int = 5) -> float:
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes of weights one decode step reads: every tensor once (tied embeddings once, as the lm_head read); for an
     Int4Linear its packed weight and scales, not the dense copy kept for prefill."""
-    from .quant_linear import Int4Linear
+    from .quant_linear import BlockLinear, Int4Linear
 
     seen, total = set(), 0
-    skip = {m.dense.data_ptr() for m in model.modules() if isinstance(m, Int4Linear) and m.dense is not None}
+    skip = {m.dense.data_ptr() for m in model.modules()
+            if isinstance(m, (Int4Linear, BlockLinear)) and m.dense is not None}
     for t in list(model.parameters()) + list(model.buffers()):
         if t.data_ptr() not in seen and t.data_ptr() not in skip and t.numel() > 64:
             seen.add(t.data_ptr())

@@ -1,4 +1,8 @@
-"""Quantized linear layers: GGUF 4-bit weights kept packed and multiplied by torch's int4 CPU kernel.
+"""Quantized CPU linear layers: GGUF weights kept packed and multiplied without a dense copy.
+
+`BlockLinear` (when our C++ kernels build, `csrc/quant_matmul.cpp`): Q4_0 / Q4_1 / Q8_0 weights repacked once in strips
+of 16 rows, multiplied by our AVX-512 kernels; exact (fp32, the default) or int8 activations (VNNI, opt-in `--int4`).
+The rest is the fallback when they don't build:
 
 `Int4Linear` holds W (N, K) as 4-bit groups of 32 (repacked from Q4_0 / Q4_1 / Q4_K, never re-quantized) in the
 layout of `torch.ops.aten._weight_int4pack_mm_for_cpu`, whose weight is w = (q - 8) * scale + zero. The kernel is fast
@@ -9,10 +13,16 @@ MKL's fp32 GEMM is faster (measured here: 310 vs 132 GFLOP/s at 512 rows), so a 
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType as T
 from torch import nn
 
+from .cpu_extension import ops
+from .errors import UnsupportedError
 from .quants import INT4_GROUP_TYPES, QuantizedTensor, int4_groups
 
 GROUP = 32
@@ -94,5 +104,115 @@ def pack_int4_linears(model: nn.Module, packed: dict[str, QuantizedTensor], keep
         parent = model.get_submodule(parent_name) if parent_name else model
         dense = module.weight.data if keep_dense else None
         setattr(parent, child, Int4Linear.from_quantized(qt, module.bias, dense))
+        n += 1
+    return n
+
+
+# -- our AVX-512 kernels (csrc/quant_matmul.cpp) --
+BLOCK_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q8_0})
+STRIP = 16  # output rows per strip: one AVX-512 register of fp32 lanes
+
+
+def block_kernels():
+    """`torch.ops.tokenmill` with quant_matmul / quant_matmul_int8 (and their fake impls for torch.compile), or None
+    (not built here, or TOKENMILL_NO_EXT=1 at the call: runners made then keep torch's paths)."""
+    return None if os.environ.get("TOKENMILL_NO_EXT") == "1" else _block_kernels()
+
+
+@functools.cache
+def _block_kernels():
+    kernels = ops("quant_matmul")
+    if kernels is not None:
+        for name in ("quant_matmul", "quant_matmul_int8"):
+            torch.library.register_fake(f"tokenmill::{name}")(
+                lambda x, packed, qtype, n: x.new_empty(*x.shape[:-1], n))
+    return kernels
+
+
+def pack_strips(qt: QuantizedTensor) -> torch.Tensor:
+    """GGUF blocks of W (N, K) -> uint8 (ceil(N/16), K/32, bytes): per strip of 16 rows and block of 32 columns, the
+    16 fp16 scales d, (Q4_1) the 16 fp16 mins m, then the quants with one 4-byte lane per row (layout in
+    csrc/quant_matmul.cpp). A pure byte permutation of the file's blocks (N padded with zero rows)."""
+    if qt.qtype not in BLOCK_TYPES:
+        raise ValueError(f"pack_strips: {qt.qtype.name} not supported, only Q4_0, Q4_1, Q8_0")
+    n, k = qt.shape
+    b = qt.data.reshape(n, k // GROUP, -1)  # (N, K/32, block bytes)
+    b = torch.cat([b, b.new_zeros(-n % STRIP, *b.shape[1:])])
+    s = b.shape[0] // STRIP
+    b = b.view(s, STRIP, k // GROUP, -1).transpose(1, 2)  # (S, K/32, 16 rows, block bytes)
+    n_f16 = 2 if qt.qtype == T.Q4_1 else 1
+    parts = [b[..., 2 * i:2 * i + 2].reshape(s, k // GROUP, 2 * STRIP) for i in range(n_f16)]
+    qs = b[..., 2 * n_f16:]  # Q4: byte j = q[j] | q[j + 16] << 4; Q8_0: byte j = q[j]
+    parts.append(qs.reshape(s, k // GROUP, STRIP, -1, 4).transpose(2, 3).reshape(s, k // GROUP, -1))
+    return torch.cat(parts, -1).contiguous()
+
+
+class BlockLinear(nn.Module):
+    """y = x @ W.T for a GGUF Q4_0 / Q4_1 / Q8_0 weight (N, K) kept as its blocks (0.56-1.06 bytes per weight).
+
+    int8=False: fp32 activations, each weight dequantized in registers (w = d*q + m) and FMA'd: the dense product up
+    to summation order (the default path; the parity tests hold). int8=True: activations rounded to int8 per block
+    of 32 with a scale, u8 x s8 VNNI dot products — about 3x fewer instructions, and as inexact as llama.cpp's
+    Q4 x Q8 products (opt-in). `dense` (N, K), when kept, takes `dense_rows` rows and more in the exact
+    mode, where MKL's GEMM is faster than the block kernel."""
+
+    dense_rows = 32
+
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None, dense: torch.Tensor | None = None,
+                 int8: bool = False):
+        super().__init__()
+        self.qt, self.qtype, self.int8 = qt, int(qt.qtype), int8
+        self.out_features, self.in_features = qt.shape
+        self.register_buffer("packed", pack_strips(qt))
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.dense = None if int8 else dense
+        assert block_kernels() is not None, "BlockLinear needs the C++ kernels (cpu_extension.ops)"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # lean on purpose: a decode step makes ~120 of these calls, and each Python-level op costs about a microsecond
+        if self.dense is not None and x.numel() >= self.dense_rows * self.in_features:
+            return F.linear(x, self.dense, self.bias)
+        x2 = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+        mm = torch.ops.tokenmill.quant_matmul_int8.default if self.int8 else torch.ops.tokenmill.quant_matmul.default
+        y = mm(x2, self.packed, self.qtype, self.out_features)  # (..., N) fp32
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y + self.bias if self.bias is not None else y
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The same product in plain PyTorch: gguf-order dequantized W, and x rounded as the int8 kernel rounds it."""
+        x = x.float()
+        if self.int8:  # a = round(x * 127 / amax) per block of 32, read back as a * amax / 127
+            xb = x.reshape(*x.shape[:-1], -1, GROUP)
+            amax = xb.abs().amax(-1, keepdim=True)
+            a = torch.round(xb * torch.where(amax > 0, 127 / amax, 0))
+            x = (a.double() * (amax / 127).double()).reshape(x.shape)
+        y = F.linear(x.double(), self.qt.dequantize().double()).float()
+        return y + self.bias if self.bias is not None else y
+
+
+def use_block_linears(model: nn.Module, packed: dict[str, QuantizedTensor], int8: bool = False) -> int:
+    """Swap every nn.Linear whose GGUF weight is Q4_0 / Q4_1 / Q8_0 for a BlockLinear (int8 activations when `int8`),
+    and a tied lm_head for one over the embedding's blocks. Returns how many were swapped."""
+    n = 0
+    embed = packed.get("model.embed_tokens.weight")
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BlockLinear):  # a second runner over the same loaded model
+            if module.int8 != int8:
+                raise UnsupportedError(f"this loaded model's layers were prepared with int4={module.int8}; load the "
+                                       f"model again for int4={int8}")
+            n += 1
+            continue
+        if not isinstance(module, nn.Linear):
+            continue
+        qt = packed.get(f"{name}.weight")
+        if qt is None and name == "lm_head" and embed is not None and (
+                module.weight.data_ptr() == model.get_submodule("model.embed_tokens").weight.data_ptr()):
+            qt = embed  # tied: the embedding's blocks
+        if qt is None or qt.qtype not in BLOCK_TYPES or qt.shape != tuple(module.weight.shape):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, BlockLinear(qt, module.bias, module.weight.data, int8=int8))
         n += 1
     return n

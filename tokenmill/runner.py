@@ -10,16 +10,23 @@ from gguf import GGMLQuantizationType
 from .kv_cache import KVCache
 from .loader import LoadedModel
 from .model import DecoderLayer, Transformer
-from .quant_linear import Q8Linear, has_int4_cpu_kernel, pack_int4_linears
+from .quant_linear import Q8Linear, block_kernels, has_int4_cpu_kernel, pack_int4_linears, use_block_linears
+from .quants import INT4_GROUP_TYPES
 
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, *, threads: int | None = None, prefill_chunk: int = 2048,
-                 int4: bool = False, compile: bool = False):
+                 int4: bool = False, compile: bool = False, kv_dtype: torch.dtype | None = None):
         self.model = loaded.model
         self.config = loaded.config
-        self.device = self.model.lm_head.weight.device
-        self.dtype = self.model.lm_head.weight.dtype
+        embed = self.model.model.embed_tokens.weight  # the lm_head may already be a block kernel (a second runner)
+        self.device, self.dtype = embed.device, embed.dtype
+        # KV cache storage. On the CPU, float16 halves the bytes decode attention reads (the kernel widens to fp32;
+        # default model: logits within 1.4e-2 of transformers', greedy tokens identical): the default with `int4`
+        # (already inexact), while the default path keeps the compute dtype and stays exact
+        if kv_dtype is None and int4 and self.device.type == "cpu":
+            kv_dtype = torch.float16
+        self.kv_dtype: torch.dtype | None = kv_dtype
         self.prefill_chunk = prefill_chunk
         if threads is not None:
             torch.set_num_threads(threads)
@@ -33,13 +40,18 @@ class ModelRunner:
             self.quantized_layers = prepare_gpu_model(self.model, loaded.packed)
             self.dtype = torch.bfloat16
             self.prefill_chunk = max(prefill_chunk, 8192)
-        # CPU: q/k/v and gate/up fused (exact); GGUF 4-bit weights through torch's int4 CPU kernel for decode (not
-        # bit-exact: bf16 activations); `compile`: each layer's two halves around the KV cache and the head compiled
-        self.int4_layers, self.compile_s = 0, None
+        # CPU: q/k/v and gate/up fused (exact); GGUF Q4_0/Q4_1/Q8_0 weights through our AVX-512 block kernels
+        # (exact; `int4`: int8 activations x 4-bit weights, VNNI, inexact), without them through torch's int4 CPU
+        # kernel (`int4`, bf16 activations); `compile`: each layer's two halves around the KV cache and the head compiled
+        self.int4_layers, self.block_layers, self.compile_s = 0, 0, None
         if self.device.type == "cpu":
             self.model.fuse_projections(loaded.packed)
-            if int4 and has_int4_cpu_kernel():
-                self.int4_layers = pack_int4_linears(self.model, loaded.packed)
+            if block_kernels() is not None:
+                self.block_layers = use_block_linears(self.model, loaded.packed, int8=int4)
+                self.int4_layers = sum(getattr(m, "int8", False) and m.qt.qtype in INT4_GROUP_TYPES
+                                       for m in self.model.modules())
+            if int4 and has_int4_cpu_kernel():  # what the block kernels don't take (Q4_K), or all without them
+                self.int4_layers += pack_int4_linears(self.model, loaded.packed)
             if compile:
                 self._compile_cpu(loaded)
 
@@ -59,7 +71,8 @@ class ModelRunner:
             layer.finish = functools.partial(post, layer)
         tied = self.config.tie_word_embeddings or "lm_head.weight" not in loaded.packed
         qt = loaded.packed.get("model.embed_tokens.weight" if tied else "lm_head.weight")
-        if qt is not None and qt.qtype == GGMLQuantizationType.Q8_0 and m.lm_head.in_features % 32 == 0:
+        if (qt is not None and qt.qtype == GGMLQuantizationType.Q8_0 and isinstance(m.lm_head, torch.nn.Linear)
+                and m.lm_head.in_features % 32 == 0):
             m.lm_head = Q8Linear(qt, m.lm_head.weight)  # compiled below; exact up to summation order
         m.head = functools.partial(torch.compile(Transformer.head, dynamic=True), m)
 
@@ -79,7 +92,7 @@ class ModelRunner:
         return self.compile_s
 
     def new_cache(self, rows: int, capacity: int) -> KVCache:
-        return KVCache(self.config, rows, capacity, self.dtype, self.device)
+        return KVCache(self.config, rows, capacity, self.kv_dtype or self.dtype, self.device)
 
     @torch.inference_mode()
     def prefill(self, cache: KVCache, row: int, ids: list[int]) -> torch.Tensor:
@@ -109,7 +122,7 @@ class ModelRunner:
     def new_paged_cache(self, num_blocks: int, block_size: int) -> "PagedKVCache":
         from .paged_cache import PagedKVCache
 
-        cache = PagedKVCache(self.config, num_blocks, block_size, self.dtype, self.device)
+        cache = PagedKVCache(self.config, num_blocks, block_size, self.kv_dtype or self.dtype, self.device)
         if self.device.type == "cuda":
             from .cuda_graphs import DecodeGraphs
 

@@ -6,7 +6,7 @@ Steps, in ExLlamaV2's order (XTC, which ExLlamaV2 lacks, goes after temperature;
                    `repetition_decay` tokens before them); frequency and presence over output tokens only (OpenAI)
   2. masks         logit_bias, allowed/disallowed tokens, banned_now, EOS until min_new_tokens (always with ignore_eos)
   3. DRY           penalise the token that would extend a repeat of the recent context (it only subtracts, so it
-                   is applied with the penalties, in one pass over the history positions)
+                   is applied right after the penalties)
      -- greedy rows (temperature 0) take the argmax here --
   4. smoothing     quadratic: l' = max - s * (l - max)^2
   5. temperature   l / T, unless temperature_last or dynamic temperature (then after step 6)
@@ -20,33 +20,48 @@ Steps, in ExLlamaV2's order (XTC, which ExLlamaV2 lacks, goes after temperature;
 Every step is vectorised over rows with per-row parameter tensors; a step whose parameter is off in every row is
 skipped, and rows with it off pass through unchanged. Per-row Python loops remain only where a row owns state:
 seeded rows draw their noise (and XTC coin) from their own generator, one row at a time, so a seeded row gives the
-same tokens alone or in any batch; mirostat mu is read and written per row; histories are gathered per row.
-Filters keep ties: a token tied with the last one kept is kept too.
+same tokens alone or in any batch; mirostat mu is read and written per row; histories are gathered per row (and,
+while every row just appends a token, extended by one column a step). Penalties touch only the history's tokens:
+gather, adjust, scatter on (B, L) index tensors, each token's newest position found through a (B, V) map that is
+never cleared. Filters keep ties: a token tied with the last one kept is kept too.
 
-On the CPU (CPU_DEVICES) a sort of V costs ~7 ms a row, a random number ~20 ns, argmax ~10x an amax and a fresh
-(B, V) tensor thousands of page faults, while reading a tensor on the host is free. So there:
+On the CPU (CPU_DEVICES) torch's sort of V costs ~7 ms a row, a random number ~20 ns, argmax ~10x an amax, a fresh
+(B, V) tensor thousands of page faults, and each pass over (B, V) about a millisecond at B = 64, while reading a
+tensor on the host is free. So there:
+  - the caller's logits are the working tensor: the sparse edits of steps 1-3 are undone before returning (a copy
+    in a reused buffer instead where the penalties' window is long enough that scattered writes cost more);
   - a sampled row whose filters bound its survivors from below runs steps 4-11 in candidate space, on its tokens
-    with logit >= tau: the k-th largest block maximum (top_k), the threshold less a margin (min_p, also after top_p;
-    top_a), or a block-maximum bound checked afterwards (top_p: the candidates hold top_p of the whole mass;
-    typical: every token outside is further from the whole entropy than the last one kept). Ties with tau are
-    candidates too, and each row checks that its survivors lie strictly above every token outside, so the result
-    is exact; rows whose check fails retry with a lower bound, then join the rows with no such filter (or tfs
-    first) in the full space;
+    with logit >= tau: below the blocks that hold k tokens (top_k), the threshold less a margin (min_p, also after
+    top_p; top_a), or a bound checked afterwards (top_p: below the blocks holding about top_p of the whole mass,
+    from a histogram of the block maxima weighted by the block masses; typical: every token outside is further from
+    the whole entropy than the last one kept). Ties with tau are candidates too, and each row checks that its
+    survivors lie strictly above every token outside, so the result is exact; rows whose check fails retry with a
+    lower bound, then join the rows with no such filter (or tfs first) in the full space. Candidates are found with
+    numpy's flatnonzero (~2x torch's nonzero) and sorted in groups of rows of similar counts by numpy's sort of int64
+    keys (value bits, then id: ~10x torch's sort);
   - rows draw by inverse cdf with one uniform each (a seeded row's from its own generator), and DRY compares only
-    the positions whose previous token is the newest.
+    the positions whose previous token is the newest;
+  - where csrc/sampler.cpp builds (`_kernels`), its ops replace the (B, V) passes, with this PyTorch code as their
+    reference and fallback: the working copy takes the block maxima on the way (`copy_block_max`), which the
+    penalties (one pass per row over its window: `penalties`, instead of gather/owners/scatter) and every other
+    edit keep current; the whole-row masses and entropy (`block_masses`, `masses`) and the candidates' compaction
+    and sort (a stable radix sort on the value bits: `candidates`) are one pass each per row.
 Other devices run every row in the full space: a sort is cheap there, and choosing rows would need a host sync.
 The (B, V) working tensors are buffers kept across calls.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from tokenmill.cpu_extension import ops
 from tokenmill.errors import InvalidRequestError
 from tokenmill.sampling import SamplingParams
 
@@ -55,12 +70,29 @@ _MIN_TEMP = 1e-4  # dynamic temperature floor (dynatemp_min may be 0)
 _NEG_INF = float("-inf")
 _BLOCK = 32  # tokens per block: the CPU's greedy argmax and inverse cdf
 CPU_DEVICES = ("cpu",)  # device types that take the CPU's paths (module docstring)
-# candidate tiers, tried in turn: (block size, a power of two; blocks at or above tau for top_p/typical rows; most
-# candidates a row may have). With V = 49152 and a model's logits at T = 1, top_p = 0.9 the first holds ~65% of rows,
-# the second ~99%, the third (every block) nearly all the rest.
-_TIERS = ((32, 256, 4096), (32, 1024, 16384), (32, 1 << 30, 32768))
+# candidate tiers, tried in turn: (block size, a power of two; blocks at or above tau for typical rows; top_p rows:
+# tau's margin below the block-histogram estimate, in logits after temperature; most candidates a row may have).
+# With V = 49152 and a model's logits at T = 1, top_p = 0.9, the first holds ~86% of rows and the second the rest.
+_TIERS = ((32, 256, 1.5, 16384), (32, 1024, 5.0, 32768))
+_BINS = 8  # bins per unit of logit (top_p: after temperature) of the block-maxima histogram that places tau
+_WIDTHS = (512, 2048, 8192)  # rows whose candidates fit the same width are sorted together; the rest as one more
+_UNDO_RATIO = 256  # a (B, V) copy costs about as much as writing V / _UNDO_RATIO scattered entries per row, twice
+_CHUNK = 8  # rows per step of the whole-vocabulary pass (_masses): 8 x V floats stay in a core's L2 cache
 _FILTERS = {"top_k": lambda p: p.top_k > 0, "top_p": lambda p: p.top_p < 1.0, "top_a": lambda p: p.top_a > 0,
             "min_p": lambda p: p.min_p > 0, "tfs": lambda p: p.tfs < 1.0, "typical_p": lambda p: p.typical_p < 1.0}
+
+
+@functools.cache
+def _kernels():
+    """torch.ops.tokenmill with csrc/sampler.cpp's ops loaded, or None: keep the PyTorch path (their reference)."""
+    return ops("sampler")
+
+
+def _kernel(x: torch.Tensor):
+    """The C++ ops where they can take x (a contiguous float32 (B, V) CPU tensor), else None."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and not x.requires_grad:
+        return _kernels()
+    return None
 
 
 def _h2d(values: list, dtype: torch.dtype, device) -> torch.Tensor:
@@ -162,11 +194,10 @@ class _Plan:
         self.dry_mult, self.dry_base = vec([p.dry_multiplier for p in ps]), vec([p.dry_base for p in ps])
         self.dry_allowed = vec([p.dry_allowed_length for p in ps])
         self.dry_range = vec([p.dry_range or math.inf for p in ps])
-        self.windows = []  # per row: list of needs, each an int count of trailing tokens, "out" or None (all)
-        for p, r, f, d in zip(ps, rep, fp, dry):
-            needs = ([p.repetition_range + p.repetition_decay if p.repetition_range else None] if r else []) \
-                + (["out"] if f else []) + ([p.dry_range or None] if d else [])
-            self.windows.append(needs)
+        # per row: lists of needs, each an int count of trailing tokens, "out" or None (all); the penalties' alone
+        self.pen_windows = [([p.repetition_range + p.repetition_decay if p.repetition_range else None] if r else [])
+                            + (["out"] if f else []) for p, r, f in zip(ps, rep, fp)]
+        self.windows = [w + ([p.dry_range or None] if d else []) for p, w, d in zip(ps, self.pen_windows, dry)]
         self.any_hist = any(self.windows)
         if self.any_dry:
             self.breakers = torch.zeros(B, vocab, dtype=torch.bool)
@@ -224,6 +255,13 @@ class _Plan:
                       for p, f in zip(ps, self.first)]
         self.bound_on = {n: vec([b == n for b in self.bound], torch.bool) for n in set(self.bound) - {""}}
         self.top_k = [p.top_k for p in ps]
+        # smoothed rows that stay in candidate space smooth their candidates only; the others rewrite whole rows
+        late = lambda i: self.bound[i] in ("top_k", "min_p") and self.first[i] not in ("top_p", "top_a", "typical_p")
+        cpu = torch.device(device).type in CPU_DEVICES
+        self.smooth_late = {i for i in self.smooth_rows if cpu and late(i)}
+        self.smooth_full = [i for i in self.smooth_rows if i not in self.smooth_late]
+        self._needs = {}  # id(windows) -> width()'s summary of them
+        self._hist = None  # the last call's histories (B, L), with each row's output length and last token then
 
         self.xtc_rows = {i for i, x in enumerate(on(lambda p: p.xtc_probability > 0)) if x}
         self.xtc_prob, self.xtc_thr = vec([p.xtc_probability for p in ps]), vec([p.xtc_threshold for p in ps])
@@ -237,6 +275,35 @@ class _Plan:
         self.seeded_rows = {i for i, s in enumerate(seqs) if not greedy[i] and s.generator is not None}
         self.any_logprobs = any(p.logprobs for p in ps)
         self.n_top = max(p.top_logprobs for p in ps)
+
+    def histories(self, seqs: list[SeqSamplingState]) -> torch.Tensor:
+        """(B, L) each row's trailing prompt+output ids, right-aligned, -1 on the left where shorter: at least the
+        window any row needs (older tokens are harmless: every step weighs a position by its distance). When every
+        row has appended one token since the last call, that call's is extended by one column."""
+        n = [len(s.output_ids) for s in seqs]
+        h = self._hist
+        if h is not None and all(k == k0 + 1 and (k0 == 0 or s.output_ids[k0 - 1] == last)
+                                 for s, k, k0, last in zip(seqs, n, self._hist_n, self._hist_last)):
+            new = _h2d([s.output_ids[-1] for s in seqs], torch.long, self.device)[:, None]
+            h = torch.cat([h[:, 1:] if h.shape[1] >= self.width(seqs, self.windows) else h, new], 1)
+        else:
+            h = _histories(seqs, self, self.device)
+        self._hist, self._hist_n, self._hist_last = h, n, [s.output_ids[-1] if s.output_ids else None for s in seqs]
+        return h
+
+    def width(self, seqs, windows) -> int:
+        """The most trailing tokens any row needs (windows: plan.windows or plan.pen_windows)."""
+        if id(windows) not in self._needs:  # per row: its longest fixed window (-1: all), and whether "out"
+            self._needs[id(windows)] = [(-1 if None in w else max([c for c in w if c != "out"], default=0), "out" in w)
+                                        if w else None for w in windows]
+        width = 0
+        for s, needs in zip(seqs, self._needs[id(windows)]):
+            if needs:
+                fixed, out = needs
+                k = len(s.output_ids)
+                total = len(s.prompt_ids) + k
+                width = max(width, total if fixed < 0 else min(max(fixed, k if out else 0), total))
+        return width
 
     def matches(self, seqs, vocab, device) -> bool:
         return (len(seqs) == self.B and vocab == self.vocab and device == self.device
@@ -264,19 +331,80 @@ class _Group:
         return cols if self.ids is None else self.ids.gather(1, cols[:, None]).squeeze(1)
 
 
+class _Edits:
+    """Sparse in-place edits of the working logits x (B, V). When undoable (x is the caller's tensor) each edit keeps
+    what it overwrote and undo() puts it back, newest first: the CPU then needs no (B, V) working copy. `blocks`
+    (G, (B, nb) block maxima of x, from the kernel that made x), if given, is kept current through the edits."""
+
+    def __init__(self, x: torch.Tensor, undoable: bool, blocks: tuple[int, torch.Tensor] | None = None):
+        self.x, self.undoable, self.saved = x, undoable, []
+        self.blocks = blocks
+
+    def fill_tail(self, start: int) -> None:  # columns start.. (a padded head) to -inf
+        if self.undoable:
+            self.saved.append((start, self.x[:, start:].clone()))
+        self.x[:, start:] = _NEG_INF
+        if self.blocks:
+            G, blocks = self.blocks
+            k = start // G
+            blocks[:, k:] = _NEG_INF
+            if start % G:
+                blocks[:, k] = self.x[:, k * G:start].amax(-1)
+
+    def scatter(self, ids: torch.Tensor, values: torch.Tensor, old: torch.Tensor) -> None:  # (B, L), old = x at ids
+        if self.undoable:
+            self.saved.append((ids, old))
+        self.x.scatter_(1, ids, values)
+        if self.blocks:
+            _kernels().block_max_update(self.x, self.blocks[1], torch.arange(len(ids)), ids, old, self.blocks[0])
+
+    def put(self, rows: torch.Tensor, cols: torch.Tensor, values, accumulate=False) -> None:  # (n,) each
+        old = self.x[rows, cols] if self.undoable or self.blocks else None
+        if self.undoable:
+            self.saved.append(((rows, cols), old))
+        self.x.index_put_((rows, cols), torch.as_tensor(values, device=self.x.device), accumulate=accumulate)
+        if self.blocks:
+            _kernels().block_max_update(self.x, self.blocks[1], rows, cols[:, None], old[:, None], self.blocks[0])
+
+    def block_max(self) -> dict[int, torch.Tensor]:
+        """{G: (B, nb) maxima of x's runs of G columns} where kept, else {}."""
+        return {} if self.blocks is None else dict([self.blocks])
+
+    def undo(self) -> None:
+        for where, old in reversed(self.saved):
+            if isinstance(where, int):
+                self.x[:, where:] = old
+            elif isinstance(where, tuple):
+                self.x.index_put_(where, old)
+            else:
+                self.x.scatter_(1, where, old)
+        self.saved.clear()
+
+
 class Sampler:
     """Callable sampler. `vocab_size` is the tokenizer's; logits columns beyond it (padded heads) are never drawn."""
 
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
         self._plan: _Plan | None = None
-        self._buffers: dict[str, torch.Tensor] = {}  # by name; "zeros" is all zero between uses
+        self._buffers: dict[str, torch.Tensor] = {}  # by name
+        self._stamp = 1  # offset of this call's positions in the "owners" map
 
+    @torch.inference_mode()  # the runner's logits are inference tensors, which only inference mode edits in place
     def __call__(self, logits: torch.Tensor, seqs: list[SeqSamplingState]) -> SampleOutput:
-        """Sample one token per row of `logits` (B, V); row i uses seqs[i]."""
-        plan, x = self._prepare(logits, seqs)
+        """Sample one token per row of `logits` (B, V); row i uses seqs[i]. `logits` is left as it was."""
+        plan, x, edits = self._prepare(logits, seqs)
+        try:
+            return self._sample(plan, x, edits, seqs)
+        finally:
+            edits.undo()
+            for s in seqs:
+                s.banned_now.clear()
+
+    def _sample(self, plan: _Plan, x: torch.Tensor, edits: _Edits, seqs) -> SampleOutput:
         (B, V), dev, n = x.shape, x.device, min(plan.n_top, x.shape[1])
-        out = SampleOutput(_argmax(x) if plan.any_greedy else torch.empty(B, dtype=torch.long, device=dev))
+        blocks = edits.block_max()
+        out = SampleOutput(_argmax(x, blocks) if plan.any_greedy else torch.empty(B, dtype=torch.long, device=dev))
         if plan.any_logprobs:
             out.logprobs = torch.empty(B, device=dev)
             if n:
@@ -291,7 +419,7 @@ class Sampler:
                     top, out.top_ids[sl] = xg.topk(n, dim=-1)
                     out.top_logprobs[sl] = top - lse
         if not plan.all_greedy:
-            for g in self._distribution(x, plan, seqs):
+            for g in self._distribution(x, plan, seqs, edits.undoable, blocks):
                 cols = _draw(g, plan, seqs, self._buffer)
                 out.tokens[g.sl] = g.tokens(cols)
                 if g.mu is not None:
@@ -304,23 +432,26 @@ class Sampler:
                     out.logprobs[g.sl], top = _logprobs(g, cols, n, V)
                     if n:
                         out.top_logprobs[g.sl], out.top_ids[g.sl] = top
-        for s in seqs:
-            s.banned_now.clear()
         return out
 
+    @torch.inference_mode()
     def probs(self, logits: torch.Tensor, seqs: list[SeqSamplingState]) -> torch.Tensor:
         """(B, V) distribution the next draw would use; greedy rows are one-hot at their argmax.
 
         Like a real step it draws the XTC coin from seeded rows' generators; it changes no other state.
         """
-        plan, x = self._prepare(logits, seqs)
-        out = torch.zeros_like(x).scatter_(1, _argmax(x)[:, None], 1.0)
-        for g in [] if plan.all_greedy else self._distribution(x, plan, seqs):
-            out[g.sl] = g.probs if g.ids is None else torch.zeros_like(out[g.sl]).scatter_add_(1, g.ids, g.probs)
-        return out
+        plan, x, edits = self._prepare(logits, seqs)
+        try:
+            blocks = edits.block_max()
+            out = torch.zeros_like(x).scatter_(1, _argmax(x, blocks)[:, None], 1.0)
+            for g in [] if plan.all_greedy else self._distribution(x, plan, seqs, edits.undoable, blocks):
+                out[g.sl] = g.probs if g.ids is None else torch.zeros_like(out[g.sl]).scatter_add_(1, g.ids, g.probs)
+            return out
+        finally:
+            edits.undo()
 
     # steps 1-3: logits after penalties, masks and DRY
-    def _prepare(self, logits: torch.Tensor, seqs: list[SeqSamplingState]) -> tuple[_Plan, torch.Tensor]:
+    def _prepare(self, logits: torch.Tensor, seqs: list[SeqSamplingState]) -> tuple[_Plan, torch.Tensor, _Edits]:
         B, V = logits.shape
         if B != len(seqs) or V < self.vocab_size:
             raise ValueError(f"logits {tuple(logits.shape)} do not fit {len(seqs)} seqs, vocab {self.vocab_size}")
@@ -331,22 +462,55 @@ class Sampler:
         for s in seqs:
             if s.params.mirostat_mode and s.mirostat_mu is None:
                 s.mirostat_mu = _h2d(2.0 * s.params.mirostat_tau, torch.float32, dev)
-        x = self._buffer("x", B, V, dev).copy_(logits)  # the working copy every later step edits in place
-        if V > self.vocab_size:
-            x[:, self.vocab_size:] = _NEG_INF
-        if plan.any_hist:  # penalties, then DRY: DRY only subtracts, so it commutes with the masks between them
-            hist = _histories(seqs, plan, dev)
-            if hist.shape[1]:
-                ids, zeros = hist.clamp(min=0), self._buffer("zeros", B, V, dev)
-                seen = x.gather(1, ids)  # (B, L)
-                if plan.any_rep or plan.any_fp:
-                    seen = _penalties(seen, hist, ids, plan, seqs, zeros)
-                if plan.any_dry:
-                    seen = seen - _dry(hist, ids, plan, zeros)
-                x.scatter_(1, ids, seen)  # a token seen twice gets the same value written twice
+        hist = plan.histories(seqs) if plan.any_hist else None
+        width = plan.width(seqs, plan.pen_windows) if hist is not None and (plan.any_rep or plan.any_fp) else 0
+        # the working tensor: on the CPU the caller's logits themselves, edited sparsely and restored after the call,
+        # unless the penalties' window is long enough that its scattered writes, and their undoing, to memory the
+        # caller left cold cost more than a copy; a copy in a reused buffer elsewhere, and where smoothing rewrites
+        # whole rows
+        undoable = (dev.type in CPU_DEVICES and logits.dtype == torch.float32 and logits.is_contiguous()
+                    and not logits.requires_grad and not plan.smooth_full and width * _UNDO_RATIO < V)
+        blocks = None
+        if undoable:
+            x = logits
+        elif (lib := _kernel(logits)) is not None:  # the copy also takes the block maxima _candidate_groups needs
+            x = self._buffer("x", B, V, dev)
+            G = _tier_block(V)
+            blocks = G, lib.copy_block_max(logits, x, G)
+        else:
+            x = self._buffer("x", B, V, dev).copy_(logits)
+        edits = _Edits(x, undoable, blocks)
+        try:
+            self._edit(edits, plan, seqs, hist, width)
+        except BaseException:
+            edits.undo()
+            raise
+        return plan, x, edits
+
+    def _edit(self, edits: _Edits, plan: _Plan, seqs, hist, width: int) -> None:
+        """Steps 1-3 on edits.x: -inf beyond the vocabulary, penalties over their window, DRY, bias and bans."""
+        x, dev = edits.x, edits.x.device
+        if x.shape[1] > self.vocab_size:
+            edits.fill_tail(self.vocab_size)
+        if width and (edits.blocks or _kernel(x) is not None):  # each row's penalties in one pass over its window
+            G, blocks = edits.blocks or (_tier_block(x.shape[1]), None)
+            h = hist[:, max(hist.shape[1] - width, 0):]
+            n_out = _h2d([len(s.output_ids) for s in seqs], torch.long, dev)
+            old = _kernels().penalties(x, blocks, h, plan.rep, plan.rep_range, plan.rep_decay, plan.freq, plan.pres,
+                                       n_out, G)
+            if edits.undoable:
+                edits.saved.append((h.clamp(min=0), old))
+        elif width:  # over the penalties' window (DRY may read further back)
+            h = hist[:, max(hist.shape[1] - width, 0):]
+            ids = h.clamp(min=0)
+            seen = x.gather(1, ids)  # (B, L)
+            # a token seen twice gets the same value written twice
+            edits.scatter(ids, _penalties(seen, h, self._owners(ids), plan, seqs), seen)
+        if hist is not None and plan.any_dry:  # DRY only subtracts: it commutes with the masks after it
+            rows, tokens, penalty = _dry(hist, plan)
+            edits.put(rows, tokens, x[rows, tokens] - penalty)  # one value per token, however often listed
         if plan.bias is not None:
-            rows, cols, values = plan.bias
-            x.index_put_((rows, cols), values, accumulate=True)
+            edits.put(*plan.bias, accumulate=True)
         rows, cols = [], []
         for i, s in enumerate(seqs):
             banned = list(s.banned_now)
@@ -355,8 +519,26 @@ class Sampler:
             rows += [i] * len(banned)
             cols += banned
         if rows:
-            x[_h2d(rows, torch.long, dev), _h2d(cols, torch.long, dev)] = _NEG_INF
-        return plan, x
+            edits.put(_h2d(rows, torch.long, dev), _h2d(cols, torch.long, dev), _NEG_INF)
+
+    def _owners(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> (B, L): the position in its row of each id's newest occurrence (ids right-aligned by age).
+
+        Through a reused (B, V) int32 map that is never cleared: each call's positions are offset by a stamp above
+        every value an earlier call left there, so the amax sees only this call's."""
+        B, L = ids.shape
+        m = self._buffers.get("owners")
+        if m is None or m.shape[0] < B or m.shape[1] != self._plan.vocab or m.device != ids.device:
+            m, self._stamp = torch.zeros(max(B, 1), self._plan.vocab, dtype=torch.int32, device=ids.device), 1
+            self._buffers["owners"] = m
+        if self._stamp + L >= 2 ** 31:
+            m.zero_()
+            self._stamp = 1
+        m, stamp = m[:B], self._stamp
+        self._stamp += L
+        pos = torch.arange(stamp, stamp + L, dtype=torch.int32, device=ids.device).expand(B, L)
+        m.scatter_reduce_(1, ids, pos, "amax")
+        return m.gather(1, ids).sub_(stamp).long()
 
     def _buffer(self, name: str, B: int, V: int, dev) -> torch.Tensor:
         # reused (B, V) float32 buffers: on the CPU a fresh one costs ~V * B / 1024 page faults every call
@@ -365,36 +547,39 @@ class Sampler:
             buf = self._buffers[name] = torch.zeros(B, V, device=dev)
         return buf[:B]
 
-    def _rows(self, x: torch.Tensor, sl, name: str) -> torch.Tensor:
-        """x[sl]: x itself for all rows, else a copy in buffer `name`."""
+    def _rows(self, x: torch.Tensor, sl, name: str, copy: bool) -> torch.Tensor:
+        """x[sl] in buffer `name`; x itself for all rows unless `copy`."""
         if isinstance(sl, slice):
-            return x
+            return self._buffer(name, x.shape[0], x.shape[1], x.device).copy_(x) if copy else x
         return torch.index_select(x, 0, sl, out=self._buffer(name, len(sl), x.shape[1], x.device))
 
     # steps 4-10 for the sampled rows, in groups: the distribution to draw from, and mirostat's (before skew)
-    def _distribution(self, x, plan, seqs) -> list[_Group]:
+    def _distribution(self, x, plan, seqs, borrowed: bool, blocks: dict[int, torch.Tensor]) -> list[_Group]:
+        """`borrowed`: x is the caller's tensor, only to be read; blocks: x's block maxima known so far."""
         B, V = x.shape
         cpu = x.device.type in CPU_DEVICES
         # smoothing and temperature keep each row's order, so candidate rows apply them to their candidates only;
         # rows that measure the whole vocabulary's mass or entropy, or use the full space, transform it all here
-        late = {i for i in plan.smooth_rows if cpu and plan.bound[i] in ("top_k", "min_p")
-                and plan.first[i] not in ("top_p", "top_a", "typical_p")}
-        t1, full = plan.t1, [i for i in plan.smooth_rows if i not in late]
+        late, full, t1 = plan.smooth_late, plan.smooth_full, plan.t1
         if full:
+            assert not borrowed
             sl = plan.index(full)
-            xs = self._rows(x, sl, "smooth")
+            xs = self._rows(x, sl, "smooth", copy=False)
             _smooth_(xs, xs.amax(-1, keepdim=True), plan.smooth[sl, None], t1[sl, None])
             if not isinstance(sl, slice):
                 x[sl] = xs
             t1 = t1.index_fill(0, _h2d(full, torch.long, x.device), 1.0)
+            blocks = {}
         groups, rest = [], plan.sampled
         if cpu and any(plan.bound[i] for i in rest):
             smooth = plan.smooth * _h2d([i in late for i in range(B)], torch.float32, x.device)
-            groups, rest = _candidate_groups(x, t1, smooth, plan, self._buffer("tmp", B, V, x.device))
+            groups, rest = _candidate_groups(x, t1, smooth, plan, self._buffer("tmp", min(B, _CHUNK), V, x.device),
+                                             blocks)
         if rest:
             sl = plan.index(rest)
-            xr = self._rows(x, sl, "rest")
             back = [r for r, i in enumerate(rest) if i in late]  # left candidate space unsmoothed
+            edit = back or plan.any_t1 or plan.any_t2 or any(plan.first[i] for i in rest)  # xr in place, below
+            xr = self._rows(x, sl, "rest", copy=borrowed and edit)
             if back:
                 k, rows = _h2d(back, torch.long, x.device), _h2d([rest[r] for r in back], torch.long, x.device)
                 xb = xr[k]
@@ -406,7 +591,7 @@ class Sampler:
                 xr, _ = _truncate(xr, plan, sl)
             groups.append(_Group(rest, sl, xr, None, [V] * len(rest)))
         for g in groups:
-            _finish(g, plan, seqs)
+            _finish(g, plan, seqs, self._buffer)
         return groups
 
 
@@ -415,24 +600,27 @@ def _smooth_(x: torch.Tensor, top, s, t) -> torch.Tensor:
     return x.sub_(top).square_().mul_(-s / t).add_(top / t)
 
 
-def _argmax(x: torch.Tensor) -> torch.Tensor:
-    """x.argmax(-1) (the first maximum); on the CPU through block maxima, as its argmax is ~10x slower than amax."""
+def _argmax(x: torch.Tensor, blocks: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """x.argmax(-1) (the first maximum); on the CPU through block maxima (blocks: those known, by block size), as its
+    argmax is ~10x slower than amax."""
     if x.device.type not in CPU_DEVICES:
         return x.argmax(-1)
     B, V = x.shape
     G = min(_BLOCK, V)
-    block = _block_max(x, G).argmax(-1)
+    block = (blocks[G] if blocks and G in blocks else _blocks(x, G, torch.amax)).argmax(-1)
     cols = block[:, None] * G + torch.arange(G, device=x.device)
     vals = x.gather(1, cols.clamp(max=V - 1)).masked_fill(cols >= V, _NEG_INF)
     return cols.gather(1, vals.argmax(-1, keepdim=True)).squeeze(1)
 
 
-def _block_max(x: torch.Tensor, G: int) -> torch.Tensor:
-    """(B, ceil(V / G)) max of each run of G columns (the last run may be shorter)."""
+def _blocks(x: torch.Tensor, G: int, reduce) -> torch.Tensor:
+    """(B, ceil(V / G)) reduce (torch.amax or torch.sum) of each run of G columns (the last run may be shorter)."""
+    if reduce is torch.amax and (lib := _kernel(x)) is not None:
+        return lib.block_max(x, G)
     B, V = x.shape
     n = V // G
-    m = x.unfold(1, G, G).amax(-1)
-    return m if n * G == V else torch.cat([m, x[:, n * G:].amax(-1, keepdim=True)], 1)
+    m = reduce(x.unfold(1, G, G), -1)
+    return m if n * G == V else torch.cat([m, reduce(x[:, n * G:], -1, keepdim=True)], 1)
 
 
 def _histories(seqs, plan: _Plan, dev) -> torch.Tensor:
@@ -449,16 +637,12 @@ def _histories(seqs, plan: _Plan, dev) -> torch.Tensor:
     return pad_sequence(rows, batch_first=True, padding_value=-1, padding_side="left")
 
 
-def _per_token(zeros: torch.Tensor, ids: torch.Tensor, src: torch.Tensor, reduce: str) -> torch.Tensor:
+def _per_token(owner: torch.Tensor, src: torch.Tensor, reduce: str) -> torch.Tensor:
     """(B, L) -> (B, L): src reduced ("sum" or "amax", src >= 0) over each row's positions holding the same id."""
-    try:
-        zeros.scatter_reduce_(1, ids, src, reduce)
-        return zeros.gather(1, ids)
-    finally:
-        zeros.scatter_(1, ids, 0.0)
+    return torch.zeros_like(src).scatter_reduce_(1, owner, src, reduce).gather(1, owner)
 
 
-def _penalties(seen, hist, ids, plan: _Plan, seqs, zeros) -> torch.Tensor:
+def _penalties(seen, hist, owner, plan: _Plan, seqs) -> torch.Tensor:
     """(B, L) the history positions' logits `seen` after the repetition, frequency and presence penalties."""
     B, L = hist.shape
     valid = hist >= 0
@@ -466,76 +650,106 @@ def _penalties(seen, hist, ids, plan: _Plan, seqs, zeros) -> torch.Tensor:
     if plan.any_rep:
         # full penalty within the range, fading linearly over the decay tokens before it
         r, d = plan.rep_range[:, None], plan.rep_decay[:, None]
-        w = _per_token(zeros, ids, ((r + d - dist) / (d + 1)).clamp(0, 1) * valid, "amax")  # at the newest occurrence
+        w = (((r + d - dist) / (d + 1)).clamp(0, 1) * valid).gather(1, owner)  # at the newest occurrence
         pen = 1 + (plan.rep[:, None] - 1) * w
         seen = torch.where(seen > 0, seen / pen, seen * pen)
     if plan.any_fp:
         n_out = _h2d([len(s.output_ids) for s in seqs], torch.float32, seen.device)
-        count = _per_token(zeros, ids, (valid & (dist < n_out[:, None])).float(), "sum")
+        count = _per_token(owner, (valid & (dist < n_out[:, None])).float(), "sum")
         seen = seen - plan.freq[:, None] * count - plan.pres[:, None] * (count > 0)
     return seen
 
 
-def _dry(hist, ids, plan: _Plan, zeros) -> torch.Tensor:
-    """(B, L) DRY's penalty at each history position: mult * base ** (n - allowed) for a token that would extend an
-    n-token repeat of the recent context, n >= allowed."""
+def _dry(hist, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DRY's penalty, mult * base ** (n - allowed), on each token that would extend an n-token repeat of the recent
+    context (n >= allowed): (rows, token ids, penalty) at history positions (n,); a token listed twice in a row has
+    the same penalty each time."""
     B, L = hist.shape
     K = min(DRY_MAX_MATCH, L)
     dev = hist.device
     dist = torch.arange(L - 1, -1, -1, device=dev)
     h = hist.masked_fill((dist >= plan.dry_range[:, None]) | (plan.dry_mult[:, None] == 0), -1)
-    brk = plan.breakers.gather(1, ids) & (h >= 0)
-    ref = h.masked_fill(brk | (h < 0), -2)[:, L - K:]  # the newest K tokens; breakers and padding match nothing
+    ref = h[:, L - K:]  # the newest K tokens; breakers and padding match nothing
+    ref = ref.masked_fill((ref < 0) | plan.breakers.gather(1, ref.clamp(min=0)), -2)
     windows = torch.cat([h.new_full((B, K), -1), h], 1).unfold(1, K, 1)[:, :L]  # (B, L, K): the K tokens before i
-    if dev.type in CPU_DEVICES:  # compare only where the previous token is the newest: few positions
+    cpu = dev.type in CPU_DEVICES
+    if cpu:  # compare only where the previous token is the newest: few positions
         b, i = (windows[:, :, -1] == ref[:, -1:]).nonzero(as_tuple=True)
-        same = (windows[b, i] == ref[b]).flip(-1)  # (n, K), column k: k + 1 tokens back
-    else:
-        same = (windows == ref[:, None, :]).flip(-1)  # (B, L, K)
+    else:  # every position, without a host sync
+        b, i = torch.arange(B, device=dev).repeat_interleave(L), torch.arange(L, device=dev).repeat(B)
+    same = (windows[b, i] == ref[b]).flip(-1)  # (n, K), column k: k + 1 tokens back
     run = torch.where(same.all(-1), K, (~same).to(torch.uint8).argmax(-1))  # repeat length before each position
-    if dev.type in CPU_DEVICES:
-        run = torch.zeros(B, L, dtype=torch.long, device=dev).index_put_((b, i), run)
-    n = _per_token(zeros, ids, run.masked_fill(brk | (h < 0), 0).float(), "amax")  # longest repeat each extends
-    over = n - plan.dry_allowed[:, None]
-    return torch.where(over >= 0, plan.dry_mult[:, None] * torch.exp(over * plan.dry_base[:, None].log()), 0.0)
+    tokens = h[b, i].clamp(min=0)
+    run = run.masked_fill((h[b, i] < 0) | plan.breakers[b, tokens], 0).float()
+    # the longest repeat each (row, token) extends: over the distinct keys of the few positions, or (without a host
+    # sync) over every (row, token) slot
+    slot = b * plan.vocab + tokens
+    keys, slot = torch.unique(slot, return_inverse=True) if cpu else (None, slot)
+    n = len(keys) if cpu else B * plan.vocab
+    run = torch.zeros(n, device=dev).scatter_reduce_(0, slot, run, "amax")[slot]
+    over = run - plan.dry_allowed[b]
+    penalty = torch.where(over >= 0, plan.dry_mult[b] * torch.exp(over * plan.dry_base[b].log()), 0.0)
+    if cpu:
+        k = (over >= 0).nonzero().squeeze(1)
+        b, tokens, penalty = b[k], tokens[k], penalty[k]
+    return b, tokens, penalty
 
 
-def _candidate_groups(x, t1, smooth, plan: _Plan, tmp) -> tuple[list[_Group], list[int]]:
+def _tier_block(V: int) -> int:
+    """The first candidate tier's block size for V columns."""
+    return min(_TIERS[0][0], 1 << V.bit_length() - 1)
+
+
+def _candidate_groups(x, t1, smooth, plan: _Plan, tmp, blocks=None) -> tuple[list[_Group], list[int]]:
     """Truncate the sampled rows that have a bounding filter (plan.bound) in candidate space (module docstring); x
     (B, V) is still to be smoothed by smooth (B,) where > 0, and divided by t1 (B,). Returns the truncated groups and
-    the rows left for the full space."""
+    the rows left for the full space. blocks: x's block maxima known so far, by block size."""
     B, V = x.shape
     dev = x.device
     pending = [i for i in plan.sampled if plan.bound[i]]
     rest = [i for i in plan.sampled if not plan.bound[i]]
-    lse = entropy = None
+    blocks = dict(blocks or {})  # block size -> (B, nb) block maxima
+    lse = entropy = mass = None
     whole = [i for i in pending if plan.first[i] in ("top_p", "top_a", "typical_p")]
     if whole:  # top_p, top_a and typical first: mass and entropy of x / t1 over the whole vocabulary
+        G = _tier_block(V)
         sl = plan.index(whole)
         lse, entropy = torch.full((2, B), math.nan, device=dev).unbind(0)
-        xw = x if isinstance(sl, slice) else x[sl]
-        top, t = xw.amax(-1, keepdim=True), t1[sl, None]
-        p = torch.sub(xw, top, out=tmp[:len(whole)]).div_(t).exp_()
-        total = p.sum(-1, keepdim=True)
-        lse[sl] = (top / t + total.log()).squeeze(1)
-        if any(plan.first[i] == "typical_p" for i in whole):
-            entropy[sl] = -p.div_(total).xlogy_(p).sum(-1)
+        typical = any(plan.first[i] == "typical_p" for i in whole)
+        if G not in blocks and (lib := _kernel(x)) is not None:  # the block maxima and masses in one pass
+            t = torch.zeros(B, device=dev).index_copy_(0, torch.tensor(whole), t1[sl])
+            blocks[G], mass, h = lib.block_masses(x, t, G, typical)
+            h, t = h[sl], t1[sl, None]
+            top = blocks[G][sl].amax(-1, keepdim=True)
+        else:
+            if G not in blocks:
+                blocks[G] = _blocks(x, G, torch.amax)
+            top, t = blocks[G][sl].amax(-1, keepdim=True), t1[sl, None]
+            mass = torch.zeros(B, blocks[G].shape[1], device=dev)  # top_p's block masses, in units of exp(top / t)
+            mass[sl], h = _masses(x, whole, top, t, G, typical, tmp)
+        lse[sl] = (top / t).squeeze(1) + mass[sl].sum(-1).log()
+        if typical:
+            entropy[sl] = h
     groups = []
-    blocks = {}  # block size -> (B, nb) block maxima
-    for G, K, cap in _TIERS:
+    for G, K, margin, cap in _TIERS:
         if not pending:
             break
         G = min(G, 1 << V.bit_length() - 1)
         if G not in blocks:
-            blocks[G] = _block_max(x, G)
+            blocks[G] = _blocks(x, G, torch.amax)
         sl = plan.index(pending)
         bm, t, s = blocks[G][sl], t1[sl], smooth[sl]  # (R, nb), (R,), (R,)
         xmax = bm.amax(-1)
-        nb = bm.shape[1]
-        ks = [plan.top_k[i] if plan.bound[i] == "top_k" else min(K, nb) if plan.bound[i] in ("top_p", "typical_p")
-              else 0 for i in pending]  # blocks at or above tau (top_k: k of them, or every finite token)
-        tau = _kth_largest(bm, ks)
         bounds = {plan.bound[i] for i in pending}
+        # tau below the blocks that hold k tokens at least (top_k; typical: K blocks), or about top_p of the mass
+        counts = _h2d([plan.top_k[i] if plan.bound[i] == "top_k" else K for i in pending], torch.float32, dev)
+        if "top_p" in bounds:
+            on = plan.bound_on["top_p"][sl]
+            weights = torch.where(on[:, None], mass[sl], 1.0)
+            target = torch.where(on, plan.filters["top_p"][0][sl] * mass[sl].sum(-1), counts)
+            tau = _edge(bm, xmax, torch.where(on, t, 1.0), weights, target) - t * margin * on
+        else:
+            tau = _edge(bm, xmax, torch.ones_like(t), torch.ones_like(bm), counts)
         if "min_p" in bounds:  # p >= min_p * p_max: log(min_p) below the top after smoothing and temperature
             log_p = t * plan.filters["min_p"][0][sl].log()
             drop = torch.where(s > 0, -(-log_p / s.clamp(min=1e-30)).sqrt(), log_p)
@@ -545,82 +759,142 @@ def _candidate_groups(x, t1, smooth, plan: _Plan, tmp) -> tuple[list[_Group], li
                               tau)
         # lower tau a little, so that the survivors lie strictly above it (_truncate checks) despite rounding
         tau = tau - 1e-4 * (1 + xmax.abs() + tau.abs())
-        sel, vals, ids, counts = _gather(x, pending, bm, tau, G, cap)
+        classes, counts = _gather(x, pending, bm, tau, G, cap)
         rest += [i for i, c in zip(pending, counts) if not 0 < c <= cap]
-        rows, pending = [pending[r] for r in sel], []
-        if not rows:
-            break
-        sl, j = plan.index(rows), _h2d(sel, torch.long, dev)
-        top, t, s, tau = xmax[j, None], t[j, None], s[j, None], tau[j, None]
-        y, tau_y = vals / t, tau / t  # the candidates and tau, smoothed and divided alike
-        if (s > 0).any():
-            y = torch.where(s > 0, _smooth_(vals, top, s, t), y)
-            tau_y = torch.where(s > 0, _smooth_(tau, top, s, t), tau_y)
-        x_c, ok = _truncate(y, plan, sl, is_sorted=True, lse=None if lse is None else lse[sl],
-                            entropy=None if entropy is None else entropy[sl], tau=tau_y.squeeze(1))
-        ok = ok.tolist()
-        good = [r for r, o in enumerate(ok) if o]
-        if good:
-            ids = ids[:, :x_c.shape[1]]
-            n = (x_c > _NEG_INF).flip(-1).to(torch.uint8).argmax(-1)  # -inf columns after each row's last survivor
-            if len(good) < len(rows):
-                k = _h2d(good, torch.long, dev)
-                x_c, ids, n = x_c[k], ids[k], n[k]
-            rows_ok = [rows[r] for r in good]
-            groups.append(_Group(rows_ok, plan.index(rows_ok), x_c, ids, (x_c.shape[1] - n).tolist()))
-        pending = [rows[r] for r, o in enumerate(ok) if not o]
+        retry = []
+        for sel, vals, ids in classes:
+            rows, j = [pending[r] for r in sel], _h2d(sel, torch.long, dev)
+            sl = plan.index(rows)
+            top, tc, sc, tau_c = xmax[j, None], t[j, None], s[j, None], tau[j, None]
+            y, tau_y = vals / tc, tau_c / tc  # the candidates and tau, smoothed and divided alike
+            if (sc > 0).any():
+                y = torch.where(sc > 0, _smooth_(vals, top, sc, tc), y)
+                tau_y = torch.where(sc > 0, _smooth_(tau_c, top, sc, tc), tau_y)
+            x_c, ok = _truncate(y, plan, sl, is_sorted=True, lse=None if lse is None else lse[sl],
+                                entropy=None if entropy is None else entropy[sl], tau=tau_y.squeeze(1))
+            ok = ok.tolist()
+            good = [r for r, o in enumerate(ok) if o]
+            if good:
+                ids = ids[:, :x_c.shape[1]]
+                n = (x_c > _NEG_INF).flip(-1).to(torch.uint8).argmax(-1)  # -inf columns after each row's last survivor
+                if len(good) < len(rows):
+                    k = _h2d(good, torch.long, dev)
+                    x_c, ids, n = x_c[k], ids[k], n[k]
+                rows_ok = [rows[r] for r in good]
+                groups.append(_Group(rows_ok, plan.index(rows_ok), x_c, ids, (x_c.shape[1] - n).tolist()))
+            retry += [rows[r] for r, o in enumerate(ok) if not o]
+        pending = sorted(retry)
     return groups, sorted(rest + pending)
 
 
-def _kth_largest(t: torch.Tensor, ks: list[int]) -> torch.Tensor:
-    """(R,) the ks[r]-th largest value of each row of t (R, n); -inf where ks[r] is 0 or above n."""
-    R, n = t.shape
-    kmax = min(max(ks), n)
-    if kmax == 0:
-        return torch.full((R,), _NEG_INF, device=t.device)
-    if len(set(ks)) == 1:
-        kth = t.topk(kmax, -1, sorted=False).values.amin(-1)
-    else:
-        k = _h2d([min(max(k, 1), kmax) - 1 for k in ks], torch.long, t.device)
-        kth = t.topk(kmax, -1).values.gather(1, k[:, None]).squeeze(1)
-    k = _h2d(ks, torch.long, t.device)
-    return kth.masked_fill((k == 0) | (k > n), _NEG_INF)
+def _masses(x, rows: list[int], top, t, G: int, entropy: bool, tmp):
+    """Block masses (R, nb) of p = exp((x[rows] - top) / t), and if asked the entropy of p / sum(p) (R,); _CHUNK rows
+    at a time in tmp, where p stays in the cache between the passes over it."""
+    R = len(rows)
+    if (lib := _kernel(x)) is not None:
+        m, h = lib.masses(x, torch.tensor(rows), top.reshape(-1), t.reshape(-1), G, entropy)
+        return m, h if entropy else None
+    scaled = bool((t != 1).any())
+    masses, entropies = [], []
+    for i in range(0, R, _CHUNK):
+        n = min(_CHUNK, R - i)
+        if R == x.shape[0]:
+            p = torch.sub(x[i:i + n], top[i:i + n], out=tmp[:n])
+        else:
+            p = torch.index_select(x, 0, _h2d(rows[i:i + n], torch.long, x.device), out=tmp[:n]).sub_(top[i:i + n])
+        if scaled:
+            p.div_(t[i:i + n])
+        masses.append(_blocks(p.exp_(), G, torch.sum))
+        if entropy:
+            entropies.append(-p.div_(masses[-1].sum(-1, keepdim=True)).xlogy_(p).sum(-1))
+    return torch.cat(masses), torch.cat(entropies) if entropy else None
+
+
+def _edge(blocks, top, scale, weights, target) -> torch.Tensor:
+    """(R,) the highest bin edge e = top - scale * j / _BINS (j = 1, 2, ...) such that the blocks (R, nb) whose maxima
+    lie above e hold `target` (R,) of `weights` (R, nb); -inf where only the deepest bin, 40 * scale down, does."""
+    n = 40 * _BINS
+    j = ((top[:, None] - blocks) * (_BINS / scale)[:, None]).nan_to_num_(n).clamp_(0, n - 1).long()
+    cum = torch.zeros(len(top), n, device=blocks.device).scatter_add_(1, j, weights).cumsum_(-1)
+    j = (cum < target[:, None]).sum(-1)
+    return torch.where(j < n - 1, top - scale * (j + 1) / _BINS, _NEG_INF)
 
 
 def _gather(y, rows: list[int], blocks, tau, G: int, cap: int):
     """Each of `rows`' finite tokens with logit >= tau, from its blocks (R, nb) whose maximum reaches tau.
 
-    Returns the indices into rows kept (1..cap candidates), their candidates (R', C) sorted descending (ties in id
-    order, -inf padding on the right) with token ids, and every row's count."""
+    Returns classes of rows by their count (1..cap candidates; a class's rows share a padded width from _WIDTHS):
+    each the indices into rows it holds, their candidates (R', C) sorted descending (ties in id order, -inf padding
+    on the right) and token ids; and every row's count."""
     B, V = y.shape
     R = len(rows)
     dev = y.device
+    if (lib := _kernel(y)) is not None:
+        x_c, ids, counts = lib.candidates(y, torch.tensor(rows), blocks, tau, G, cap)
+        return _classes(x_c, ids, counts.tolist(), cap, sort=False), counts.tolist()
     if V % G:  # whole blocks: pad the short last one with -inf
         y = torch.nn.functional.pad(y, (0, G - V % G), value=_NEG_INF)
     tau = tau.clamp(min=torch.finfo(y.dtype).min)  # tau = -inf takes every finite token
     r, b = (blocks >= tau[:, None]).nonzero(as_tuple=True)
     nb = blocks.shape[1]
     vals = y.view(-1, G).index_select(0, _h2d(rows, torch.long, dev)[r] * nb + b)  # (n, G)
-    k = (vals >= tau[r, None]).view(-1).nonzero().squeeze(1)  # row-major: ids ascending within each row
+    k = _flat_where_ge(vals, tau[r, None])  # row-major: ids ascending within each row
     i = k >> G.bit_length() - 1  # G is a power of two: k // G, without the CPU's slow integer division
     r, cols, vals = r[i], b[i] * G + (k & G - 1), vals.view(-1)[k]
     counts = torch.bincount(r, minlength=R)
     pos = torch.arange(r.numel(), device=dev) - (counts.cumsum(0) - counts)[r]
     counts = counts.tolist()
-    sel = [i for i, c in enumerate(counts) if 0 < c <= cap]
-    if not sel:
-        return sel, None, None, counts
-    if len(sel) < R:
-        new_row = torch.full((R,), -1, dtype=torch.long, device=dev)
-        new_row[_h2d(sel, torch.long, dev)] = torch.arange(len(sel), device=dev)
-        r = new_row[r]
-        k = (r >= 0).nonzero().squeeze(1)
+    C = max([c for c in counts if c <= cap], default=0)
+    x_c = torch.full((R, C), _NEG_INF, device=dev)
+    ids = torch.zeros(R, C, dtype=torch.long, device=dev)
+    if C < max(counts):  # drop the rows over cap
+        k = (pos < C).nonzero().squeeze(1)
         r, pos, cols, vals = r[k], pos[k], cols[k], vals[k]
-    C = max(counts[i] for i in sel)
-    out = torch.full((len(sel), C), _NEG_INF, device=dev).index_put_((r, pos), vals)
-    ids = torch.zeros(len(sel), C, dtype=torch.long, device=dev).index_put_((r, pos), cols)
-    out, order = out.sort(dim=-1, descending=True, stable=True)
-    return sel, out, ids.gather(1, order), counts
+    x_c.index_put_((r, pos), vals)
+    ids.index_put_((r, pos), cols)
+    return _classes(x_c, ids, counts, cap, sort=True), counts
+
+
+def _classes(x_c, ids, counts: list[int], cap: int, sort: bool):
+    """_gather's classes from every row's candidates x_c, ids (R, C), sorted there unless `sort`."""
+    classes = {}  # width -> indices into rows
+    for i, c in enumerate(counts):
+        if 0 < c <= cap:
+            classes.setdefault(next((w for w in _WIDTHS if c <= w), cap), []).append(i)
+    out = []
+    for sel in classes.values():
+        width = max(counts[i] for i in sel)
+        xs, ids_s = x_c[:, :width], ids[:, :width]
+        if len(sel) < len(counts):
+            j = _h2d(sel, torch.long, x_c.device)
+            xs, ids_s = xs[j], ids_s[j]
+        out.append((sel, *_sort(xs, True, ids_s)) if sort else (sel, xs, ids_s))
+    return out
+
+
+def _flat_where_ge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Ascending flat indices of a (n, G) where a >= b (n, 1); on the CPU through numpy: ~2x faster than torch there."""
+    if a.device.type in CPU_DEVICES:
+        return torch.from_numpy(np.flatnonzero(a.numpy() >= b.numpy()))
+    return (a >= b).view(-1).nonzero().squeeze(1)
+
+
+def _sort(values: torch.Tensor, descending: bool, ids: torch.Tensor | None = None):
+    """values (R, C) sorted along each row, and ids (R, C) (< 2 ** 31; default: the column indices) in the same order,
+    ties in id order: a stable sort where ids ascend along each row. On the CPU through one int64 key per entry (the
+    float's bits made monotone, then the id) and numpy's sort: ~10x faster than torch's there."""
+    R, C = values.shape
+    if ids is None:
+        ids = torch.arange(C, device=values.device).expand(R, C)
+    if values.device.type not in CPU_DEVICES:
+        values, order = values.sort(dim=-1, descending=descending, stable=True)
+        return values, ids.gather(1, order)
+    bits = (values + 0.0).view(torch.int32).long()  # + 0.0: -0.0 sorts as 0.0
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats' magnitude bits flipped: monotone
+    key = ((-bits if descending else bits) << 32) | ids
+    key.numpy().sort(axis=-1)
+    bits = -(key >> 32) if descending else key >> 32
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).int().view(torch.float32), key & 0xFFFFFFFF
 
 
 def _truncate(x, plan: _Plan, sl, is_sorted=False, lse=None, entropy=None, tau=None):
@@ -630,7 +904,7 @@ def _truncate(x, plan: _Plan, sl, is_sorted=False, lse=None, entropy=None, tau=N
     top_a) and entropy (typical) against the whole vocabulary: lse and entropy (NaN in rows that do not need them).
     Returns the truncated x and, per row, whether its bounding filter (plan.bound) kept only candidates, strictly
     above tau, so that no token outside could have been kept or tied (None outside candidate space)."""
-    vals, order = (x, None) if is_sorted else x.sort(-1, descending=True)
+    vals, order = (x, None) if is_sorted else _sort(x, True)
     R, C = vals.shape
     if tau is None:
         p = torch.softmax(vals, -1)
@@ -680,7 +954,7 @@ def _truncate(x, plan: _Plan, sl, is_sorted=False, lse=None, entropy=None, tau=N
             if entropy is not None:
                 h = torch.where(first & ~torch.isnan(entropy[:, None]), entropy[:, None], h)
             dev = (-logp - h).abs()
-            dev_sorted, by_dev = dev.sort(-1)
+            dev_sorted, by_dev = _sort(dev, False)
             thr = at(dev_sorted, (exclusive_cumsum(p.gather(1, by_dev)) < v).sum(-1, keepdim=True))
             k = dev <= thr
         if name in bound:
@@ -700,8 +974,9 @@ def _truncate(x, plan: _Plan, sl, is_sorted=False, lse=None, entropy=None, tau=N
     return vals.masked_fill(~keep, _NEG_INF), None if ok is None else ok.squeeze(1) | (tau == _NEG_INF)
 
 
-def _finish(g: _Group, plan: _Plan, seqs) -> None:
-    """Steps 7-10 on a truncated group: sets g.probs (and g.miro_probs, g.mu for mirostat)."""
+def _finish(g: _Group, plan: _Plan, seqs, buffer) -> None:
+    """Steps 7-10 on a truncated group: sets g.probs (and g.miro_probs, g.mu for mirostat). A full-space group's x
+    may be the caller's logits (where no step before the softmax edits it in place): its softmax goes to a buffer."""
     x, sl = g.x, g.sl
     if plan.any_t2:
         t2 = plan.t2[sl]
@@ -716,7 +991,9 @@ def _finish(g: _Group, plan: _Plan, seqs) -> None:
         p = torch.softmax(x, -1)
         keep = (p >= torch.exp2(-g.mu)[:, None]) | (p >= p.amax(-1, keepdim=True)) | ~plan.miro_on[sl, None]
         x = x.masked_fill(~keep, _NEG_INF)
-    if x.device.type in CPU_DEVICES:  # softmax in place (g owns x): no fresh (R, C) tensor to fault in
+    if x.device.type in CPU_DEVICES and g.ids is None:  # into a reused buffer: no fresh (R, V) tensor to fault in
+        g.probs = torch.ops.aten._softmax.out(x, -1, False, out=buffer("probs", *x.shape, x.device))
+    elif x.device.type in CPU_DEVICES:  # softmax in place (g owns x)
         g.probs = x.sub_(x.amax(-1, keepdim=True)).exp_()
         g.probs.div_(g.probs.sum(-1, keepdim=True))
     else:
@@ -755,7 +1032,7 @@ def _xtc(x, plan: _Plan, seqs, g: _Group) -> torch.Tensor:
 
 def _skew(probs, exponent) -> torch.Tensor:
     """Sorted descending with cdf C, token j gets C_j ** e - C_(j-1) ** e; tied tokens share their group's mass."""
-    ps, order = probs.sort(-1, descending=True)
+    ps, order = _sort(probs, True)
     ps = ps / ps.sum(-1, keepdim=True)
     cdf = ps.cumsum(-1)
     new_group = torch.cat([torch.zeros_like(ps[:, :1]), (ps[:, 1:] != ps[:, :-1]).float()], 1)
