@@ -12,6 +12,7 @@ import functools
 import hashlib
 import os
 import pathlib
+import sys
 import warnings
 
 import torch
@@ -62,10 +63,14 @@ def _build(src: pathlib.Path):
     from torch.utils import cpp_extension
 
     digest = hashlib.sha256(torch.__version__.encode() + " ".join(CFLAGS).encode() + src.read_bytes())
+    for header in sorted(CSRC.glob("*.h")):  # shared by every source: any change rebuilds all
+        digest.update(header.read_bytes())
     name = f"tokenmill_{src.stem}_{digest.hexdigest()[:12]}"
     build_dir = pathlib.Path(os.environ.get("TOKENMILL_EXT_DIR", pathlib.Path.home() / ".cache" / "tokenmill" / "ext"))
     build_dir = build_dir / name
     build_dir.mkdir(parents=True, exist_ok=True)
+    if sys.stderr.isatty() and not (build_dir / f"{name}.so").exists():  # first use here: say why it pauses
+        print(f"tokenmill: compiling the {src.stem} CPU kernel (once per machine, ~10-40 s)", file=sys.stderr, flush=True)
     cpp_extension.load(name=name, sources=[str(src)], extra_cflags=CFLAGS,
                        extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False,
                        verbose=os.environ.get("TOKENMILL_EXT_VERBOSE") == "1")

@@ -119,7 +119,7 @@ class LLMEngine:
     def describe(self) -> str:
         b = self.blocks
         return (f"KV cache: {b.num_blocks} blocks x {b.block_size} tokens = {b.num_blocks * b.block_size} tokens "
-                f"({self.cache.nbytes / 2**30:.2f} GiB, {str(self.runner.dtype).removeprefix('torch.')}); "
+                f"({self.cache.nbytes / 2**30:.2f} GiB, {str(self.cache.dtype).removeprefix('torch.')}); "
                 f"up to {self.scheduler.max_num_seqs} requests, {self.scheduler.max_num_batched_tokens} tokens a step")
 
     # -- submission (any thread) --
