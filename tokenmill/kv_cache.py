@@ -107,7 +107,7 @@ class ContiguousKVView:
         # (B, 1, T, end) bool, True where query t of row b may attend key j; None when plain causal/full suffices
         if window in self._masks:
             return self._masks[window]
-        B, T = len(self.rows), self.n_new
+        T = self.n_new
         uniform = len(set(self.starts)) == 1
         needs_window = window is not None and self.end > window
         if uniform and not needs_window and (T == 1 or self.starts[0] == 0):

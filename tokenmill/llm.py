@@ -5,6 +5,7 @@ from typing import Any, Iterator, Sequence as Seq
 
 import torch
 
+from . import cpu_extension
 from .errors import InvalidRequestError
 from .generator import generate_steps
 from .kv_cache import KVCache
@@ -48,6 +49,9 @@ class LLM:
         self.tokenizer = loaded.tokenizer
         self.runner = ModelRunner(loaded, threads=threads, int4=int4, compile=compile, kv_dtype=kv_dtype)
         self.sampler = Sampler(self.config.vocab_size)
+        if self.runner.device.type == "cpu":  # build our C++ kernels at load (once per machine), not inside a request
+            for source in ("attention", "sampler"):
+                cpu_extension.ops(source)
         self._template_name = template
         self._template = None
         self._cache: KVCache | None = None
