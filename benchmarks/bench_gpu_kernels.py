@@ -5,7 +5,7 @@ cache holds none), median of 5 replays; GB/s = the layer's bytes (packed weights
 
     PYTHONPATH=. python benchmarks/bench_gpu_kernels.py [--quick] [--write] [--table] [--rows 1,4]
     # quick: q4g128, rows 1/4/16/64, no prefill/attention; write: merge into tokenmill/gpu_matvec_table.py; table:
-    # the configs in use timed, no sweep; rows: only these row counts
+    # the configs in use timed, no sweep; rows: only these row counts; --half-only: one row, packed-half kernel only
 """
 import itertools
 import statistics
@@ -23,6 +23,7 @@ from tokenmill.gpu_linear import QuantLinear
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}
 COPIES = 8
+HALF_ONLY = "--half-only" in sys.argv
 
 
 def graph_time(fns) -> float:
@@ -51,8 +52,15 @@ def candidates(m: int, bits: int, split: bool) -> list[tuple]:
     mm16 = [("mm", 16, bn, d, w, sp) for bn in (16, 32, 64) for d in dots for w in (2, 4) for sp in splits[:4]
             if bn >= 8 * w]
     if m == 1 and bits == 4:
-        return [("gemv", bn, u, w, sp) for bn in (16, 32) for u in (2, 4) for w in (1, 2, 4) for sp in splits
-                if bn * 32 // (32 * w) >= 4] + [c for c in mm16 if c[2] == 64]  # at least 4 words a thread
+        tiles = [(bn, w) for bn in (32, 64, 128) for w in (2, 4, 8) if 8 <= bn // w <= 16]  # words a thread a span
+        if split:  # the stream kernel: r programs per SM, always split
+            half = [("gemvs", bn, u, w, r, pre) for bn, w in tiles for u in (2, 3) for r in (2, 4, 8) for pre in (0, 4)]
+        else:
+            half = [("gemvh", bn, u, w, 1, pre) for bn, w in tiles for u in (2, 3) for pre in (0, 4)]
+        if HALF_ONLY:  # the packed-half kernel alone (plus the config in use, timed as "rule")
+            return half
+        return half + [("gemv", bn, u, w, sp) for bn in (16, 32) for u in (2, 4) for w in (1, 2, 4) for sp in splits
+                       if bn * 32 // (32 * w) >= 4] + [c for c in mm16 if c[2] == 64]  # at least 4 words a thread
     if m == 1:
         return [("mm", 1, bn, 0, w, sp) for bn in (16, 32) for w in (1, 2) for sp in splits]
     if m > 16:
@@ -77,7 +85,10 @@ def write_table(table: dict, glu_rows: int) -> None:
     table = {**gpu_matvec.TABLE, **table}  # entries not measured in this run are kept
     with open("tokenmill/gpu_matvec_table.py", "w") as f:
         f.write(f'"""Launch configs of gpu_matvec.py per (rows bucket, N, padded K, bits, group), measured on\n'
-                f'{torch.cuda.get_device_name()} by benchmarks/bench_gpu_kernels.py --write."""\n\nTABLE = {{\n')
+                f'{torch.cuda.get_device_name()} by benchmarks/bench_gpu_kernels.py --write over Llama-3-8B\'s shapes; '
+                f'other shapes\ntake the rule in gpu_matvec.config. GLU_ROWS: up to this many rows down_proj computes '
+                f'silu(gate) * up as it\nloads (0: never; the separate SiLU-mul launch measured faster)."""\n\n'
+                f'TABLE = {{\n')
         for key, cfg in sorted(table.items()):
             f.write(f"    {key}: {cfg},\n")
         f.write("}\n")
@@ -90,7 +101,7 @@ def main(quick: bool, write: bool, table_only: bool, rows: tuple[int, ...] | Non
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bw / 1e9:.0f} GB/s")
     rows = rows or ((1, 4, 16, 64) if quick else (1, 2, 4, 8, 16, 32, 64))
     table, glu_rows = {}, 0
-    print("shape fmt M | best config: us, GB/s, % of copy bw | rule's config us | bf16 cuBLAS us | tinygemm us")
+    print("shape fmt M | best config: us, GB/s, % of copy bw | config in use us | bf16 cuBLAS us | tinygemm us")
     for (name, (n, k)), fmt in itertools.product(SHAPES.items(), [(4, 128), (4, 32), (8, 32)]):
         if quick and fmt != (4, 128):
             continue
@@ -101,7 +112,7 @@ def main(quick: bool, write: bool, table_only: bool, rows: tuple[int, ...] | Non
         nbytes = layers[0].weight_bytes
         for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            cands = candidates(m, fmt[0], name not in ("gate_up", "lm_head"))  # these two are read unsplit
+            cands = candidates(m, fmt[0], name != "lm_head")  # the logits are read unsplit
             if table_only:  # time the configs in use only
                 cands = [gpu_matvec.config(m, n, layers[0].padded_in, *fmt)]
             t, cfg = best_config(layers, x, False, cands)
@@ -114,7 +125,7 @@ def main(quick: bool, write: bool, table_only: bool, rows: tuple[int, ...] | Non
                 if t_glu < t + t_silu and fmt == (4, 128):
                     glu_rows, t, cfg = m, t_glu, cfg_glu
             table[(m, n, layers[0].padded_in, *fmt)] = cfg
-            rule = gpu_matvec.config(m, n, layers[0].padded_in, *fmt, table={})
+            rule = gpu_matvec.config(m, n, layers[0].padded_in, *fmt)  # the config in use before this run
             t_def = graph_time([lambda L=L: L.product(x, False, rule) for L in layers])
             t_bf = graph_time([lambda w=w: F.linear(x, w) for w in dense])
             t_tg = graph_time([lambda L=L: L(x) for L in tiny]) if tiny else float("nan")

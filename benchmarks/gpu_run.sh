@@ -10,7 +10,7 @@ TESTS="tests/test_gpu_kernels.py tests/test_gpu_engine.py tests/test_gpu.py test
 for stage in "$@"; do
   echo "== $stage $(date +%T)"
   case $stage in
-    smoke) timeout ${T_SMOKE:-90} python3 -m pytest -x -q -m gpu tests/test_gpu_kernels.py -k "fused or paged or quant_linear" -p no:cacheprovider 2>&1 | tail -15 ;;
+    smoke) timeout ${T_SMOKE:-90} python3 -m pytest -x -q -m gpu tests/test_gpu_kernels.py -k "fused or paged or quant_linear or one_row" -p no:cacheprovider 2>&1 | tail -15 ;;
     tests) timeout ${T_TESTS:-300} python3 -m pytest -q -m gpu $TESTS -p no:cacheprovider 2>&1 | tee $OUT/tests.log | tail -30 ;;
     stress) timeout ${T_STRESS:-120} python3 benchmarks/stress_gpu_forward.py 2>&1 | tee $OUT/stress.log ;;
     kernels) timeout ${T_KERNELS:-260} python3 benchmarks/bench_gpu_kernels.py ${KARGS:---quick --write} 2>&1 | grep -v "^  skip" | tee $OUT/kernels.log

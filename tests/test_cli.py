@@ -76,3 +76,7 @@ def test_generate_streams_text_and_stats(gguf_path):
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "tok/s" in r.stderr and "peak memory" in r.stderr
+
+
+def test_bad_dtype():
+    assert_one_line_error(run_cli("generate", "hi", "--dtype", "float16"), "--dtype", "float32", "bfloat16")

@@ -152,3 +152,19 @@ def test_kv_dtype_is_checked_before_loading():
 
     with pytest.raises(InvalidRequestError, match="kv_dtype must be one of float32, float16, bfloat16, got 'int8'"):
         tokenmill.load("no-such-model.gguf", kv_dtype="int8")
+
+
+def test_dtype_is_checked_before_loading():
+    # a bad dtype fails before the model is read or CUDA is touched (so this runs on a machine without a GPU)
+    import tokenmill
+    from tokenmill.errors import InvalidRequestError
+    from tokenmill.llm import compute_dtype
+
+    for dtype in ("float16", torch.float16):
+        with pytest.raises(InvalidRequestError, match="dtype on CUDA must be float32 or bfloat16, got float16"):
+            tokenmill.load("no-such-model.gguf", device="cuda", dtype=dtype)
+    with pytest.raises(InvalidRequestError, match="dtype must be one of float32, float16, bfloat16, got 'fp8'"):
+        tokenmill.load("no-such-model.gguf", dtype="fp8")
+    assert not torch.cuda.is_initialized()
+    assert compute_dtype(None, "cpu") == torch.float32 and compute_dtype(None, "cuda") == torch.bfloat16
+    assert compute_dtype("float32", "cuda:0") == torch.float32 and compute_dtype("float16", "cpu") == torch.float16

@@ -1,4 +1,7 @@
 """GPU numerics (run on purpose: `pytest -m gpu`): the model on CUDA against the CPU fp32 reference, random weights."""
+import copy
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -59,3 +62,62 @@ def test_gpu_logits_match_cpu_fp32(shape):
     assert (got32 - ref).abs().max().item() <= 1e-3 * scale  # fp32 on GPU (TF32 off by default for matmul)
     got16 = run(model, ids, torch.bfloat16, "cuda", 32)
     assert (got16 - ref).abs().max().item() <= 5e-2 * scale  # bf16 weights and activations
+
+
+def gguf_model(cfg: ModelConfig, seed: int = 0) -> tuple[Transformer, dict]:
+    """A random model whose linears are GGUF blocks, as a .gguf file loads it: attention Q4_1, gate/up Q4_0, down and
+    an untied lm_head Q8_0; the dense weights are the blocks dequantized (fp32), the blocks kept as `packed`."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    from tokenmill.quants import QuantizedTensor
+
+    model = random_model(cfg, seed)
+    kinds = {"q_proj": T.Q4_1, "k_proj": T.Q4_1, "v_proj": T.Q4_1, "o_proj": T.Q4_1, "gate_proj": T.Q4_0,
+             "up_proj": T.Q4_0, "down_proj": T.Q8_0, "lm_head": T.Q8_0}
+    packed = {}
+    for name, mod in model.named_modules():
+        qtype = kinds.get(name.rpartition(".")[2])
+        if qtype is None or name == "lm_head" and cfg.tie_word_embeddings:
+            continue
+        raw = gguf.quants.quantize(mod.weight.detach().numpy(), qtype)
+        qt = QuantizedTensor(qtype, tuple(mod.weight.shape), torch.from_numpy(raw))
+        mod.weight.data = qt.dequantize()
+        packed[f"{name}.weight"] = qt
+    return model, packed
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_runner_fp32_matches_cpu_fp32(shape):
+    """`tokenmill.load(device="cuda", dtype=torch.float32)`'s path on a GGUF-quantized random model: the runner keeps
+    the blocks quantized (one-row decode kernels, tensor-core kernels up to 64 rows, dequantize + cuBLAS above) with
+    fp32 activations and KV, through the contiguous cache and the paged one (SDPA prefill, a chunk after cached
+    tokens, CUDA-graph decode steps). Logits: the CPU fp32 model's (same blocks, dequantized) within 1e-4 of their
+    range."""
+    pytest.importorskip("triton")
+    from tokenmill.loader import LoadedModel
+    from tokenmill.runner import ModelRunner
+
+    cfg = ModelConfig(max_position_embeddings=512, **SHAPES[shape])
+    model, packed = gguf_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (100,), generator=torch.Generator().manual_seed(1)).tolist()
+    ref = cached_logits(model, ids, 80, torch.float32, "cpu")  # (100, V): 80 prefilled, then 20 decode steps
+    tol = 1e-4 * (ref.max() - ref.min()).item()
+    runner = ModelRunner(LoadedModel(copy.deepcopy(model).to("cuda"), cfg, None, Path(shape), "gguf", packed))
+    assert runner.dtype == torch.float32
+    assert runner.quantized_layers == 4 * cfg.num_layers + (not cfg.tie_word_embeddings)
+
+    cache = runner.new_cache(2, len(ids))
+    got = torch.cat([runner.score(cache, 0, ids[:80])] + [runner.decode(cache, [0], [t]) for t in ids[80:]]).cpu()
+    short = runner.score(cache, 1, ids[:20]).cpu()  # 20 rows: the tensor-core kernels
+    errors = [(got - ref).abs().max().item(), (short - ref[:20]).abs().max().item()]
+
+    paged = runner.new_paged_cache(8, 16)
+    table = list(range(1, 8))  # 112 slots
+    rows = [runner.forward_packed(paged, [ids[:60]], [0], [table], [0]).cpu(),  # nothing cached: SDPA
+            runner.forward_packed(paged, [ids[60:80]], [60], [table], [0]).cpu()]  # after 60 cached tokens
+    for p, t in enumerate(ids[80:], start=80):
+        rows.append(runner.forward_packed(paged, [[t]], [p], [table], [0]).cpu())
+    assert runner.graphs.graphs  # the decode steps replayed a CUDA graph
+    errors.append((torch.cat(rows) - ref[[59] + list(range(79, 100))]).abs().max().item())
+    assert max(errors) <= tol, f"contiguous / 20-row / paged max errors {errors}, tolerance {tol:.2e}"

@@ -50,6 +50,32 @@ def test_quant_linear_matches_reference(bits, group, n, k):
     assert (w - dense).abs().max().item() <= 1e-2 * dense.abs().max().item()
 
 
+@pytest.mark.parametrize("cfg", [("gemvh", 64, 1, 2, 1), ("gemvh", 32, 2, 4, 3), ("gemvh", 64, 3, 2, 8),
+                                 ("gemvs", 32, 2, 2, 3), ("gemvs", 64, 3, 4, 1), ("gemvs", 64, 2, 4, 2, 4),
+                                 ("gemvh", 128, 3, 8, 3, 4), ("gemv", 16, 2, 2, 4)])
+@pytest.mark.parametrize("group,zero,bias", [(128, True, False), (128, False, True), (256, True, True)])
+@torch.inference_mode()
+def test_one_row_kernels_match_reference(cfg, group, zero, bias):
+    # the packed-half kernel (fp16 pair math, gpu_matvec._DOT8_ASM) and the fp32 one against the fp32 reference:
+    # columns not a multiple of the tile, K splits with a short last one, x of magnitude 1 and 1e3
+    from tokenmill import gpu_matvec
+
+    torch.manual_seed(group + 2 * zero + 4 * bias)
+    n, k = 300, 2304
+    q = torch.randint(0, 16, (n, k), device="cuda")
+    scale = (torch.rand(n, k // group, device="cuda") * 0.02 + 1e-3).half().float()
+    zp = (-8 * scale * (1 + 0.1 * torch.randn_like(scale))).half().float() if zero else None
+    layer = QuantLinear.from_groups(q, scale, zp, 4, group, bias=torch.randn(n, device="cuda") if bias else None)
+    for amp in (1.0, 1e3):
+        x = (torch.randn(1, k, device="cuda") * amp).to(torch.bfloat16)
+        y = layer.product(x, config=cfg)
+        if gpu_matvec.pending(y):  # split over K: the accumulator, which its reader zeroes
+            y, acc = y.clone(), y
+            acc.zero_()
+        err = rel(y, reference(layer, x))
+        assert err < 3e-3, (cfg, amp, err)
+
+
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K", "Q8_0"])
 def test_gguf_repack_is_exact(qtype):
     from gguf import GGMLQuantizationType as T

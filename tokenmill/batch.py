@@ -171,7 +171,8 @@ def _percentile(xs: list[float], q: float) -> float:
 def _load_llm(args):
     from .llm import load
 
-    return load(args.model, device=args.device or "cpu", threads=args.threads, template=args.template)
+    return load(args.model, device=args.device or "cpu", threads=args.threads, template=args.template,
+                dtype=args.dtype)
 
 
 def cmd_batch(args) -> int:

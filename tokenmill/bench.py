@@ -27,7 +27,8 @@ SUITE_NAMES = ("decode", "context", "prefill", "batch", "chat", "quality")
 DEFAULTS = {"decode_tokens": 256, "prefill": None, "repeat": 3, "context": None, "context_tokens": 32,
             "concurrency": [1, 2, 4, 8, 16, 32], "batch_prompt": 64, "batch_tokens": 32, "kv_cache_memory": None,
             "chat_turns": 10, "chat_tokens": 32, "ppl_file": None, "ppl_ctx": 512, "ppl_chunks": 40,
-            "golden_tokens": 32, "model": None, "threads": None, "int4": False, "compile": False, "device": "cpu"}
+            "golden_tokens": 32, "model": None, "threads": None, "int4": False, "compile": False, "device": "cpu",
+            "dtype": None}
 
 
 def _fraction(s: str) -> float:
@@ -143,7 +144,8 @@ def run_suites(args, suites: list[str]) -> int:
     base = baseline.load(args.compare, args.baseline_dir) if args.compare else None
     suites = suites or (base["settings"]["suites"] if base else list(SUITE_NAMES))
     s = settings_from(args, base)
-    llm = load(s["model"], device=s["device"], threads=s["threads"], int4=s["int4"], compile=s["compile"])
+    llm = load(s["model"], device=s["device"], threads=s["threads"], int4=s["int4"], compile=s["compile"],
+               dtype=s["dtype"])
     s["prefill"] = s["prefill"] or S.ladder(llm.context_length)
     s["context"] = s["context"] or S.ladder(llm.context_length)
     s["suites"] = suites

@@ -104,7 +104,7 @@ def _load(args):
 
     return load(args.model, device=args.device or "cpu", threads=args.threads,
                 template=getattr(args, "template", None), int4=args.int4, compile=getattr(args, "compile", False),
-                kv_dtype=getattr(args, "kv_dtype", None))
+                kv_dtype=getattr(args, "kv_dtype", None), dtype=getattr(args, "dtype", None))
 
 
 def cmd_generate(args) -> int:
@@ -168,7 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-m", "--model", help="a .gguf file, a Hugging Face model folder, or an alias (default: smollm2)")
         sp.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
         sp.add_argument("--device", choices=("cpu", "cuda"), help="where the model runs (default: cpu); cuda: bf16 "
-                        "with GGUF 4/8-bit weights kept quantized, Triton kernels and CUDA-graph decode")
+                        "(or --dtype float32) with GGUF 4/8-bit weights kept quantized, Triton kernels and CUDA-graph "
+                        "decode")
+        sp.add_argument("--dtype", choices=("float32", "bfloat16"), help="activations and dense weights (default: "
+                        "float32 on the CPU, bfloat16 on cuda; float32 on cuda gives the CPU's greedy tokens)")
         sp.add_argument("--int4", action="store_true", help="the fast CPU path: int8-rounded activations x 4-bit "
                         "weights (VNNI) and a float16 KV cache (faster, not bit-exact; default: exact)")
         sp.add_argument("--compile", action="store_true", help="torch.compile the CPU layer code around attention "

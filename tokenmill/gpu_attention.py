@@ -17,6 +17,8 @@ import torch.nn.functional as F
 import triton  # CUDA path only (see gpu_linear.py)
 import triton.language as tl
 
+from .gpu_matvec import pdl, pdl_start
+
 try:  # used when installed, never required
     from flash_attn import flash_attn_func
 except ImportError:
@@ -48,7 +50,10 @@ def store_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k:
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, len_ptr, acc_ptr, ml_ptr, out_ptr,
                    stride_qb, stride_qh, stride_tb, stride_ob, stride_oh, sm_scale, window,
                    KV: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                   BN: tl.constexpr, SPLITS: tl.constexpr, WINDOW: tl.constexpr):
+                   BN: tl.constexpr, SPLITS: tl.constexpr, WINDOW: tl.constexpr, FP32: tl.constexpr,
+                   PDL: tl.constexpr):
+    # FP32: an fp32 pool, its products in full fp32 ("ieee": Triton's default for fp32 operands is TF32)
+    pdl_start(PDL)
     b, kvh, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     L = tl.load(len_ptr + b)  # keys, the new token's included; the query sits at L - 1
     lo = 0
@@ -72,14 +77,20 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, len_ptr, acc_ptr, ml_ptr, o
         blk = tl.load(table_ptr + b * stride_tb + keys // BS, mask=valid, other=0).to(tl.int64)
         rows = ((blk * BS + keys % BS) * KV + kvh) * D
         k = tl.load(kc_ptr + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)  # (BN, D)
-        s = tl.dot(q, tl.trans(k)) * scale  # (BG, BN)
+        if FP32:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # (BG, BN)
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(vc_ptr + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     gm = g < G
     if SPLITS == 1:
@@ -96,7 +107,8 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, len_ptr, acc_ptr, ml_ptr, o
 
 @triton.jit
 def _merge_kernel(acc_ptr, ml_ptr, out_ptr, stride_ob, stride_oh, H: tl.constexpr, D: tl.constexpr,
-                  SPLITS: tl.constexpr):
+                  SPLITS: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     b, h = tl.program_id(0), tl.program_id(1)
     sp, d = tl.arange(0, SPLITS), tl.arange(0, D)
     row = (b * H + h) * SPLITS + sp
@@ -130,9 +142,11 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ta
         q, k_pool, v_pool, tables, lengths, acc, ml, out, q.stride(0), q.stride(1), tables.stride(0),
         out.stride(0), out.stride(1), 1.0 / math.sqrt(D), window or 0,
         KV=KV, G=G, BG=max(16, triton.next_power_of_2(G)), D=D, BS=bs, BN=KEYS_PER_TILE, SPLITS=splits,
-        WINDOW=window is not None, num_warps=4)
+        WINDOW=window is not None, FP32=k_pool.dtype == torch.float32, PDL=pdl(q.device), launch_pdl=pdl(q.device),
+        num_warps=4)
     if splits > 1:
-        _merge_kernel[(B, H)](acc, ml, out, out.stride(0), out.stride(1), H=H, D=D, SPLITS=splits, num_warps=1)
+        _merge_kernel[(B, H)](acc, ml, out, out.stride(0), out.stride(1), H=H, D=D, SPLITS=splits,
+                              PDL=pdl(q.device), launch_pdl=pdl(q.device), num_warps=1)
     return out
 
 
@@ -155,8 +169,9 @@ def decode_reference(q, k_pool, v_pool, tables, lengths, window):
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
-    """A chunk with nothing cached before it: q (1, H, T, D), k/v (1, KV, T, D) -> (1, H, T, D), causal."""
-    if flash_attn_func is not None:
+    """A chunk with nothing cached before it: q (1, H, T, D), k/v (1, KV, T, D) -> (1, H, T, D), causal. fp32: SDPA
+    (flash-attn takes 16-bit only)."""
+    if flash_attn_func is not None and q.dtype != torch.float32:
         w = (window - 1, 0) if window is not None else (-1, -1)
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, window_size=w)
         return out.transpose(1, 2)

@@ -3,7 +3,8 @@ o_proj / down_proj), RoPE (q, k and v of the fused qkv partial sums in one launc
 SiLU-mul, and `prepare_gpu_model`, which turns a loaded Transformer into its GPU form in place.
 
 Same math as model.py (module names kept, so `Transformer.forward` runs unchanged); each kernel computes in fp32 and
-rounds once, where the PyTorch version rounds after each bf16 op. `*_reference` beside each kernel is that PyTorch op.
+rounds once, where the PyTorch version rounds after each bf16 op (with fp32 activations those roundings are no-ops).
+`*_reference` beside each kernel is that PyTorch op.
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ QUANTS = {"bf16": None, "q4g128": (4, 128), "q4g32": (4, 32), "q8": (8, 32)}
 
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, p_ptr, w_ptr, h_ptr, y_ptr, N, stride_x, eps,
-                        BLOCK: tl.constexpr, HAS_P: tl.constexpr, ZERO: tl.constexpr, NORM: tl.constexpr):
+                        BLOCK: tl.constexpr, HAS_P: tl.constexpr, ZERO: tl.constexpr, NORM: tl.constexpr,
+                        PDL: tl.constexpr):
     # row of x (+ the row of p (M, N), stored as h; ZERO: p is an accumulator, zeroed) -> y = RMSNorm(row) * w
+    matvec.pdl_start(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -48,21 +51,31 @@ def _add_rmsnorm_kernel(x_ptr, p_ptr, w_ptr, h_ptr, y_ptr, N, stride_x, eps,
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, y_ptr, I, stride_x, stride_y, BLOCK: tl.constexpr):
-    # x (M, 2I) = gate | up -> y (M, I) = silu(gate) * up
+def _silu_mul_kernel(x_ptr, y_ptr, I, stride_x, stride_y, BLOCK: tl.constexpr, ZERO: tl.constexpr,
+                     PDL: tl.constexpr):
+    # x (M, 2I) = gate | up (ZERO: an accumulator, zeroed as read) -> y (M, I) = silu(gate) * up
+    matvec.pdl_start(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < I
     g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + row * stride_x + I + offs, mask=mask, other=0.0).to(tl.float32)
+    if ZERO:
+        tl.debug_barrier()  # every thread has read its partial sums before any are zeroed (see _add_rmsnorm_kernel)
+        tl.store(x_ptr + row * stride_x + offs, tl.zeros((BLOCK,), tl.float32), mask=mask)
+        tl.store(x_ptr + row * stride_x + I + offs, tl.zeros((BLOCK,), tl.float32), mask=mask)
+        g = g.to(y_ptr.dtype.element_ty).to(tl.float32)  # the projection's output, rounded as it is unfused
+        u = u.to(y_ptr.dtype.element_ty).to(tl.float32)
     tl.store(y_ptr + row * stride_y + offs, (g * tl.sigmoid(g) * u).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, stride_x, stride_c,
-                 H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, POOL: tl.constexpr, ZERO: tl.constexpr):
+                 H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, POOL: tl.constexpr, ZERO: tl.constexpr,
+                 PDL: tl.constexpr):
     # token t, head h of x (T, (H + 2 KV) D) q|k|v (ZERO: an accumulator, zeroed as read): q heads -> q (T, H, D)
     # rotated; k heads rotated and v heads -> (T, KV, D), or with POOL straight into the pool at slots[t] (-1: nowhere)
+    matvec.pdl_start(PDL)
     t, h = tl.program_id(0), tl.program_id(1)
     d = tl.arange(0, D // 2)
     src = x_ptr + t * stride_x + h * D
@@ -105,6 +118,7 @@ def add_norm(x: torch.Tensor, p: torch.Tensor | None, weight: torch.Tensor | Non
     _add_rmsnorm_kernel[(M,)](x2, p if p is not None else x2, weight if weight is not None else x2, h,
                               y if y is not None else h, N, x2.stride(0), eps, BLOCK=triton.next_power_of_2(N),
                               HAS_P=p is not None, ZERO=p is not None and matvec.pending(p), NORM=weight is not None,
+                              PDL=matvec.pdl(x.device), launch_pdl=matvec.pdl(x.device),
                               num_warps=4 if N <= 4096 else 8)
     return h.view(x.shape), (y.view(x.shape) if y is not None else None)
 
@@ -113,11 +127,15 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return add_norm(x, None, weight, eps)[1]
 
 
-def silu_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_mul(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x (..., 2I) gate | up, a product or a split-K accumulator (zeroed) -> silu(gate) * up (..., I) in dtype
+    (default x's)."""
     x2 = x.reshape(-1, x.shape[-1])
     M, I = x2.shape[0], x2.shape[1] // 2
-    y = torch.empty(M, I, dtype=x.dtype, device=x.device)
-    _silu_mul_kernel[(M, triton.cdiv(I, 1024))](x2, y, I, x2.stride(0), y.stride(0), BLOCK=1024, num_warps=4)
+    y = torch.empty(M, I, dtype=dtype or x.dtype, device=x.device)
+    _silu_mul_kernel[(M, triton.cdiv(I, 1024))](x2, y, I, x2.stride(0), y.stride(0), BLOCK=1024,
+                                                ZERO=matvec.pending(x2), PDL=matvec.pdl(x.device),
+                                                launch_pdl=matvec.pdl(x.device), num_warps=4)
     return y.view(*x.shape[:-1], I)
 
 
@@ -134,7 +152,8 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, H: int, KV
     else:
         k, v, slots = pool
     _rope_kernel[(B * T, H + 2 * KV)](x, c, s, q, k, v, slots, x.stride(0), c.stride(0), H=H, KV=KV, D=D,
-                                      POOL=pool is not None, ZERO=matvec.pending(qkv), num_warps=1)
+                                      POOL=pool is not None, ZERO=matvec.pending(qkv), PDL=matvec.pdl(qkv.device),
+                                      launch_pdl=matvec.pdl(qkv.device), num_warps=1)
     return (q, k, v) if pool is None else (q, None, None)
 
 
@@ -197,11 +216,14 @@ class GPUMLP(nn.Module):
         self.gate_up_proj, self.down_proj = mlp.gate_up_proj, mlp.down_proj
 
     def forward(self, x):
-        # x (B, T, C) -> down_proj's output (M, C); up to GLU_ROWS rows silu(gate) * up is computed as it loads
-        gu = product(self.gate_up_proj, x.reshape(-1, x.shape[-1]), split=False)
-        if gu.shape[0] <= matvec.GLU_ROWS:
+        # x (B, T, C) -> down_proj's output (M, C); up to GLU_ROWS rows silu(gate) * up is computed as down_proj
+        # loads gate | up (which is then unsplit), else by silu_mul, which also reads and zeroes a split-K accumulator
+        x = x.reshape(-1, x.shape[-1])
+        glu = x.shape[0] <= matvec.GLU_ROWS
+        gu = product(self.gate_up_proj, x, split=not glu)
+        if glu:
             return product(self.down_proj, gu, glu=True)
-        return product(self.down_proj, silu_mul(gu))
+        return product(self.down_proj, silu_mul(gu, x.dtype))
 
 
 class GPUDecoderLayer(nn.Module):
@@ -226,7 +248,7 @@ class GPUDecoderLayer(nn.Module):
 
 
 def _swap_linears(model: nn.Module, packed: dict[str, QuantizedTensor], quant: tuple[int, int] | None) -> int:
-    """GGUF Q4_0/Q4_1/Q4_K/Q8_0 weights repacked exactly; with `quant`, every other linear rounded to it; else bf16."""
+    """GGUF Q4_0/Q4_1/Q4_K/Q8_0 weights repacked exactly; with `quant`, every other linear rounded to it; else dense."""
     from gguf import GGMLQuantizationType as T
 
     n = 0
@@ -249,12 +271,15 @@ def _swap_linears(model: nn.Module, packed: dict[str, QuantizedTensor], quant: t
 
 @torch.no_grad()
 def prepare_gpu_model(model: Transformer, packed: dict[str, QuantizedTensor] | None = None,
-                      quant: str | None = None, device: str | torch.device = "cuda") -> int:
-    """In place: bf16 on the current CUDA device, fused qkv / gate-up, quantized linears (GGUF 4/8-bit repacked; `quant`
-    one of QUANTS rounds the rest), Triton norms / RoPE / SiLU-mul. Returns how many linears are quantized."""
+                      quant: str | None = None, device: str | torch.device = "cuda",
+                      dtype: torch.dtype = torch.bfloat16) -> int:
+    """In place: `dtype` (bf16, or fp32) on the current CUDA device, fused qkv / gate-up, quantized linears (GGUF
+    4/8-bit repacked; `quant` one of QUANTS rounds the rest), Triton norms / RoPE / SiLU-mul. Returns how many linears
+    are quantized."""
+    assert dtype in (torch.bfloat16, torch.float32), dtype  # the activation types the kernels are written for
     packed = dict(packed or {})
     inv_freq = model.inv_freq.float()
-    model.to(device=device, dtype=torch.bfloat16)
+    model.to(device=device, dtype=dtype)
     model.inv_freq = inv_freq.to(device)
     model.fuse_projections(packed)
     n = _swap_linears(model, packed, QUANTS[quant] if quant else None)

@@ -7,12 +7,12 @@ shift and a mask, no reshuffle. 8-bit: `qweight` (N, Kp) int8. `scales` / `zeros
 GGUF Q4_0 / Q4_1 / Q4_K repack exactly (fp16 scales for Q4_0/Q4_1, fp32 for Q4_K's 6-bit x fp16 products); Q8_0 too.
 
 Up to DECODE_ROWS rows the fused dequantize-and-multiply kernels of gpu_matvec.py (split over K into an accumulator
-that the consumer reads and zeroes: `QuantLinear.product`); more rows (prefill) dequantize to bf16 and call cuBLAS.
+that the consumer reads and zeroes: `QuantLinear.product`); more rows (prefill) dequantize to x's dtype (bf16 or
+fp32) and call cuBLAS.
 `reference()` is the plain PyTorch product.
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ import triton  # imported only on the CUDA path (runner's GPU branch, GPU tests)
 import triton.language as tl
 
 from . import gpu_matvec as matvec
-from .gpu_matvec import SPAN, _nibble_f32
+from .gpu_matvec import SPAN, _nibble_f32, _sms
 
 DECODE_ROWS = 64  # up to this many rows the fused kernels (gpu_matvec.py), above it dequantize + cuBLAS
 
@@ -30,7 +30,7 @@ DECODE_ROWS = 64  # up to this many rows the fused kernels (gpu_matvec.py), abov
 @triton.jit
 def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, Kp,
                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BN: tl.constexpr):
-    # (BN rows, one span) of the weight -> bf16 (N, K)
+    # (BN rows, one span) of the weight -> out (N, K) in its dtype
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     s = tl.program_id(1)
     offs_i = tl.arange(0, 32)
@@ -47,12 +47,8 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, Kp,
             w = tl.load(w_ptr + offs_n[:, None] * Kp + k[None, :], mask=n_mask[:, None], other=0).to(tl.float32) * sc
         if HAS_ZERO:
             w += tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + offs_n[:, None] * K + k[None, :], w.to(tl.bfloat16), mask=n_mask[:, None] & (k < K)[None, :])
-
-
-@functools.cache
-def _sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+        tl.store(out_ptr + offs_n[:, None] * K + k[None, :], w.to(out_ptr.dtype.element_ty),
+                 mask=n_mask[:, None] & (k < K)[None, :])
 
 
 class QuantLinear(nn.Module):
@@ -73,10 +69,10 @@ class QuantLinear(nn.Module):
         return self.qweight.shape[1] * (8 if self.bits == 4 else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., K) bf16 -> (..., N)."""
+        """x (..., K) bf16 or fp32 -> (..., N)."""
         y = self.product(x.reshape(-1, self.in_features))
         if matvec.pending(y):
-            y, acc = y.to(x.dtype), y
+            y, acc = y.to(x.dtype, copy=True), y  # a copy also for fp32 x: the accumulator is zeroed next
             acc.zero_()
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -91,18 +87,18 @@ class QuantLinear(nn.Module):
         if M > DECODE_ROWS:
             from .gpu_layers import silu_mul
 
-            w = self.dequantize().to(x.dtype)
+            w = self.dequantize(x.dtype)
             x = silu_mul(x) if glu else x
             return torch.addmm(self.bias.to(x.dtype), x, w.t()) if self.bias is not None else F.linear(x, w)
         cfg = config or matvec.config(M, N, self.padded_in, self.bits, self.group, _sms(x.device))
-        cfg = cfg if split else (*cfg[:-1], 1)
+        cfg = cfg if split else matvec.unsplit(cfg)
         return matvec.launch(x, self.qweight, self.scales, self.zeros, self.bias, self.bits, self.group,
                              self.in_features, cfg, glu, x.dtype)
 
-    def dequantize(self) -> torch.Tensor:
-        """The weight as bf16 (N, K), one Triton pass."""
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The weight as (N, K) in dtype, one Triton pass (computed in fp32, rounded once)."""
         N, K = self.out_features, self.in_features
-        out = torch.empty(N, K, dtype=torch.bfloat16, device=self.qweight.device)
+        out = torch.empty(N, K, dtype=dtype, device=self.qweight.device)
         grid = (triton.cdiv(N, 32), self.padded_in // SPAN)
         _dequant_kernel[grid](self.qweight, self.scales, self.zeros if self.zeros is not None else self.scales, out,
                               N, K, self.padded_in, BITS=self.bits, GROUP=self.group,

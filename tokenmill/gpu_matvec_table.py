@@ -1,14 +1,14 @@
-"""Launch configs of gpu_matvec.py per (rows bucket, N, padded K, bits, group), measured on an H200 by
-benchmarks/bench_gpu_kernels.py --write over Llama-3-8B's shapes (q4g128); other shapes take the rule in
-gpu_matvec.config. GLU_ROWS: up to this many rows down_proj computes silu(gate) * up as it loads (0: never; the
-separate SiLU-mul launch measured faster, 2.2 + 20.7 us against 24.8 us at one row)."""
+"""Launch configs of gpu_matvec.py per (rows bucket, N, padded K, bits, group), measured on
+NVIDIA H100 80GB HBM3 by benchmarks/bench_gpu_kernels.py --write over Llama-3-8B's shapes; other shapes
+take the rule in gpu_matvec.config. GLU_ROWS: up to this many rows down_proj computes silu(gate) * up as it
+loads (0: never; the separate SiLU-mul launch measured faster)."""
 
 TABLE = {
-    (1, 4096, 4096, 4, 128): ('gemv', 16, 2, 2, 8),
-    (1, 4096, 14336, 4, 128): ('gemv', 16, 2, 2, 16),
-    (1, 6144, 4096, 4, 128): ('gemv', 16, 2, 2, 8),
-    (1, 28672, 4096, 4, 128): ('gemv', 16, 2, 2, 1),
-    (1, 128256, 4096, 4, 128): ('gemv', 32, 2, 4, 1),
+    (1, 4096, 4096, 4, 128): ('gemvs', 64, 2, 4, 4, 0),
+    (1, 4096, 14336, 4, 128): ('gemvs', 64, 2, 4, 4, 0),
+    (1, 6144, 4096, 4, 128): ('gemvs', 64, 2, 4, 4, 0),
+    (1, 28672, 4096, 4, 128): ('gemvs', 64, 2, 4, 4, 0),
+    (1, 128256, 4096, 4, 128): ('gemvh', 128, 2, 8, 1, 4),
     (4, 4096, 4096, 4, 128): ('mm', 16, 64, 1, 2, 8),
     (4, 4096, 14336, 4, 128): ('mm', 16, 64, 1, 2, 8),
     (4, 6144, 4096, 4, 128): ('mm', 16, 64, 1, 4, 4),

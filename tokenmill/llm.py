@@ -167,12 +167,15 @@ class LLM:
         return self.runner.score(cache, 0, ids)
 
 
-def load(model: str | None = None, *, device: str = "cpu", dtype: torch.dtype = torch.float32, threads: int | None = None,
-         template: str | None = None, int4: bool = False, compile: bool = False,
+def load(model: str | None = None, *, device: str = "cpu", dtype: torch.dtype | str | None = None,
+         threads: int | None = None, template: str | None = None, int4: bool = False, compile: bool = False,
          kv_dtype: torch.dtype | str | None = None) -> LLM:
     """Load a model: a .gguf file, a Hugging Face folder, or an alias (`smollm2`, the default).
 
     Args:
+        dtype: the activations' (and dense weights') dtype, a torch.dtype or its name. Default: float32 on the CPU,
+            bfloat16 on CUDA. CUDA takes float32 or bfloat16; float32 there keeps GGUF 4/8-bit weights quantized as
+            bfloat16 does and gives the CPU's greedy tokens (bfloat16 may flip near-ties).
         int4: the fast CPU path: GGUF Q4_0/Q4_1/Q8_0 weights times int8-rounded activations (AVX-512 VNNI; Q4_K
             through torch's int4 kernel) and a float16 KV cache: about 1.2-1.6x faster than the default, not
             bit-exact (logits within ~2.5-3.5% of their range). Default: exact (fp32 activations, weights decoded in
@@ -185,15 +188,32 @@ def load(model: str | None = None, *, device: str = "cpu", dtype: torch.dtype = 
     if isinstance(kv_dtype, str):
         kv_dtype = parse_kv_dtype(kv_dtype)
     if kv_dtype is not None and device != "cpu":
-        raise InvalidRequestError(f"kv_dtype applies to the CPU only (the GPU keeps bfloat16), got device={device!r}")
+        raise InvalidRequestError(f"kv_dtype applies to the CPU only (the GPU's cache keeps the model's dtype), "
+                                  f"got device={device!r}")
+    dtype = compute_dtype(dtype, device)  # checked before anything touches the device
     return LLM(load_model(model, dtype=dtype, device=device), threads=threads, template=template, int4=int4,
                compile=compile, kv_dtype=kv_dtype)
 
 
-KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # dtype and kv_dtype by name
 
 
 def parse_kv_dtype(name: str) -> torch.dtype:
-    if name not in KV_DTYPES:
-        raise InvalidRequestError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {name!r}")
-    return KV_DTYPES[name]
+    if name not in DTYPES:
+        raise InvalidRequestError(f"kv_dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def compute_dtype(dtype: torch.dtype | str | None, device: str | torch.device) -> torch.dtype:
+    """`load`'s dtype: a torch.dtype, its name, or None (float32 on the CPU, bfloat16 on CUDA) -> a torch.dtype. CUDA
+    takes float32 or bfloat16 only (its kernels' two activation types); on the CPU a torch.dtype passes as given."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    cuda = torch.device(device).type == "cuda"
+    if dtype is None:
+        return torch.bfloat16 if cuda else torch.float32
+    if cuda and dtype not in (torch.float32, torch.bfloat16):
+        raise InvalidRequestError(f"dtype on CUDA must be float32 or bfloat16, got {str(dtype).removeprefix('torch.')}")
+    return dtype

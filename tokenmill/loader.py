@@ -56,9 +56,13 @@ def resolve_model_path(name: str | None) -> Path:
     return path
 
 
-def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(name: str | None = None, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+               ) -> LoadedModel:
+    """The model with its dense weights in `dtype` on `device` (default: float32 on the CPU, bfloat16 on CUDA, the
+    runner's compute dtype there); GGUF blocks also kept packed for the quantized kernels."""
     path = resolve_model_path(name)
     device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     packed: dict[str, QuantizedTensor] = {}
     if path.is_dir():
         src = HFFolder(path)

@@ -30,15 +30,16 @@ class ModelRunner:
         self.prefill_chunk = prefill_chunk
         if threads is not None:
             torch.set_num_threads(threads)
-        # CUDA: bf16, fused projections, GGUF 4/8-bit weights kept quantized (Triton kernels), Triton norms / RoPE /
-        # paged decode attention; decode steps of the paged cache replay CUDA graphs (made with new_paged_cache)
+        # CUDA: bf16 activations (fp32 when the weights came as fp32: `load(dtype=torch.float32)`), fused projections,
+        # GGUF 4/8-bit weights kept quantized (Triton kernels), Triton norms / RoPE / paged decode attention; decode
+        # steps of the paged cache replay CUDA graphs (made with new_paged_cache)
         self.graphs = None
         self.quantized_layers = 0
         if self.device.type == "cuda":
             from .gpu_layers import prepare_gpu_model
 
-            self.quantized_layers = prepare_gpu_model(self.model, loaded.packed)
-            self.dtype = torch.bfloat16
+            self.dtype = torch.float32 if self.dtype == torch.float32 else torch.bfloat16
+            self.quantized_layers = prepare_gpu_model(self.model, loaded.packed, dtype=self.dtype)
             self.prefill_chunk = max(prefill_chunk, 8192)
         # CPU: q/k/v and gate/up fused (exact); GGUF Q4_0/Q4_1/Q8_0 weights through our AVX-512 block kernels
         # (exact; `int4`: int8 activations x 4-bit weights, VNNI, inexact), without them through torch's int4 CPU
