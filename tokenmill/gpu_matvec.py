@@ -131,9 +131,7 @@ def _gemv_w4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, spans, p
 # 0-3) or 1024 + 16 q (bits 4-7) without a conversion; one packed FMA per pair makes that (q - 8) / 16, exact; the
 # product with x's pairs is summed in fp16 over the word's 4 pairs (|q - 8| / 16 <= 1/2, so a half holds up to
 # 4 * 0.5 * |x|: no overflow below |x| ~ 32k) and returned as two fp32 sums: nibbles 0-3 (lo) and 4-7 (hi).
-_DOT8_ASM = tl.constexpr("""{
-.reg .b32 a, b, c, d, t, m, lo4, hi4, s1, c1, s2, c2, acc;
-.reg .b16 l, h;
+_DOT8_PAIRS = """.reg .b32 a, b, c, d, t, m, lo4, hi4, s1, c1, s2, c2, acc;
 mov.b32 m, 0x64006400;
 mov.b32 lo4, 0x000F000F;
 mov.b32 hi4, 0x00F000F0;
@@ -141,50 +139,33 @@ mov.b32 s1, 0x2C002C00;
 mov.b32 c1, 0xD408D408;
 mov.b32 s2, 0x1C001C00;
 mov.b32 c2, 0xC480C480;
-lop3.b32 a, $2, lo4, m, 0xEA;
-lop3.b32 b, $2, hi4, m, 0xEA;
-shr.u32 t, $2, 8;
+lop3.b32 a, $W, lo4, m, 0xEA;
+lop3.b32 b, $W, hi4, m, 0xEA;
+shr.u32 t, $W, 8;
 lop3.b32 c, t, lo4, m, 0xEA;
 lop3.b32 d, t, hi4, m, 0xEA;
 fma.rn.f16x2 a, a, s1, c1;
 fma.rn.f16x2 b, b, s2, c2;
 fma.rn.f16x2 c, c, s1, c1;
 fma.rn.f16x2 d, d, s2, c2;
-mul.rn.f16x2 acc, a, $3;
-fma.rn.f16x2 acc, b, $4, acc;
-fma.rn.f16x2 acc, c, $5, acc;
-fma.rn.f16x2 acc, d, $6, acc;
-mov.b32 {l, h}, acc;
-cvt.f32.f16 $0, l;
-cvt.f32.f16 $1, h;
-}""")
-# the same product left as its fp16 pair (lo: nibbles 0-3, hi: 4-7), so a thread's words of one span can be summed in
-# fp16 before one conversion
-_DOT8H_ASM = tl.constexpr("""{
-.reg .b32 a, b, c, d, t, m, lo4, hi4, s1, c1, s2, c2, acc;
-.reg .b16 l, h;
-mov.b32 m, 0x64006400;
-mov.b32 lo4, 0x000F000F;
-mov.b32 hi4, 0x00F000F0;
-mov.b32 s1, 0x2C002C00;
-mov.b32 c1, 0xD408D408;
-mov.b32 s2, 0x1C001C00;
-mov.b32 c2, 0xC480C480;
-lop3.b32 a, $1, lo4, m, 0xEA;
-lop3.b32 b, $1, hi4, m, 0xEA;
-shr.u32 t, $1, 8;
-lop3.b32 c, t, lo4, m, 0xEA;
-lop3.b32 d, t, hi4, m, 0xEA;
-fma.rn.f16x2 a, a, s1, c1;
-fma.rn.f16x2 b, b, s2, c2;
-fma.rn.f16x2 c, c, s1, c1;
-fma.rn.f16x2 d, d, s2, c2;
-mul.rn.f16x2 acc, a, $2;
-fma.rn.f16x2 acc, b, $3, acc;
-fma.rn.f16x2 acc, c, $4, acc;
-fma.rn.f16x2 acc, d, $5, acc;
-mov.b32 $0, acc;
-}""")
+mul.rn.f16x2 acc, a, $XA;
+fma.rn.f16x2 acc, b, $XB, acc;
+fma.rn.f16x2 acc, c, $XC, acc;
+fma.rn.f16x2 acc, d, $XD, acc;
+"""  # the word's operand $W, x's pairs $XA-$XD (numbered after the outputs); leaves the pair sums in acc
+
+
+def _dot8_asm(outputs: int, tail: str) -> tl.constexpr:
+    body = _DOT8_PAIRS
+    for i, name in enumerate(("$W", "$XA", "$XB", "$XC", "$XD")):
+        body = body.replace(name, f"${outputs + i}")
+    return tl.constexpr("{\n" + body + tail + "}")
+
+
+# fp32 (lo, hi) outputs: the sums of nibbles 0-3 and 4-7
+_DOT8_ASM = _dot8_asm(2, ".reg .b16 l, h;\nmov.b32 {l, h}, acc;\ncvt.f32.f16 $0, l;\ncvt.f32.f16 $1, h;\n")
+# the pair itself (int32), so a thread's words of one span can be summed in fp16 before one conversion (PRESUM)
+_DOT8H_ASM = _dot8_asm(1, "mov.b32 $0, acc;\n")
 
 
 @triton.jit
