@@ -5,7 +5,8 @@ cache holds none), median of 5 replays; GB/s = the layer's bytes (packed weights
 
     PYTHONPATH=. python benchmarks/bench_gpu_kernels.py [--quick] [--write] [--table] [--rows 1,4]
     # quick: q4g128, rows 1/4/16/64, no prefill/attention; write: merge into tokenmill/gpu_matvec_table.py; table:
-    # the configs in use timed, no sweep; rows: only these row counts; --half-only: one row, packed-half kernel only
+    # the configs in use timed, no sweep; rows: only these row counts; --half-only: one row, packed-half kernel only;
+    # --group 32: --quick sweeps q4g32 instead
 """
 import itertools
 import statistics
@@ -24,6 +25,7 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
           "lm_head": (128256, 4096)}
 COPIES = 8
 HALF_ONLY = "--half-only" in sys.argv
+QUICK_FMT = (4, int(sys.argv[sys.argv.index("--group") + 1]) if "--group" in sys.argv else 128)  # --quick's format
 
 
 def graph_time(fns) -> float:
@@ -103,7 +105,7 @@ def main(quick: bool, write: bool, table_only: bool, rows: tuple[int, ...] | Non
     table, glu_rows = {}, 0
     print("shape fmt M | best config: us, GB/s, % of copy bw | config in use us | bf16 cuBLAS us | tinygemm us")
     for (name, (n, k)), fmt in itertools.product(SHAPES.items(), [(4, 128), (4, 32), (8, 32)]):
-        if quick and fmt != (4, 128):
+        if quick and fmt != QUICK_FMT:
             continue
         copies = COPIES if n * k < 2e8 else 2
         dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]

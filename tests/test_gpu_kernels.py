@@ -53,7 +53,8 @@ def test_quant_linear_matches_reference(bits, group, n, k):
 @pytest.mark.parametrize("cfg", [("gemvh", 64, 1, 2, 1), ("gemvh", 32, 2, 4, 3), ("gemvh", 64, 3, 2, 8),
                                  ("gemvs", 32, 2, 2, 3), ("gemvs", 64, 3, 4, 1), ("gemvs", 64, 2, 4, 2, 4),
                                  ("gemvh", 128, 3, 8, 3, 4), ("gemv", 16, 2, 2, 4)])
-@pytest.mark.parametrize("group,zero,bias", [(128, True, False), (128, False, True), (256, True, True)])
+@pytest.mark.parametrize("group,zero,bias", [(128, True, False), (128, False, True), (256, True, True),
+                                             (32, True, False), (32, False, True)])
 @torch.inference_mode()
 def test_one_row_kernels_match_reference(cfg, group, zero, bias):
     # the packed-half kernel (fp16 pair math, gpu_matvec._DOT8_ASM) and the fp32 one against the fp32 reference:

@@ -130,42 +130,63 @@ def _gemv_w4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, spans, p
 # A word's nibbles j and j + 4 share a pair: OR-ing a nibble into fp16 1024.0's mantissa (0x6400) gives 1024 + q (bits
 # 0-3) or 1024 + 16 q (bits 4-7) without a conversion; one packed FMA per pair makes that (q - 8) / 16, exact; the
 # product with x's pairs is summed in fp16 over the word's 4 pairs (|q - 8| / 16 <= 1/2, so a half holds up to
-# 4 * 0.5 * |x|: no overflow below |x| ~ 32k) and returned as two fp32 sums: nibbles 0-3 (lo) and 4-7 (hi).
-_DOT8_PAIRS = """.reg .b32 a, b, c, d, t, m, lo4, hi4, s1, c1, s2, c2, acc;
+# 4 * 0.5 * |x|: no overflow below |x| ~ 32k) and returned as two fp32 sums: nibbles 0-3 (lo) and 4-7 (hi), each one
+# group (of 128 or 256) scaled after. Groups of 32 (GGUF Q4_0 / Q4_1 / Q4_K): each nibble is its own group, so the
+# pairs become the fp16 weights themselves, (q - 8) scale + (zero + 8 scale), before the product (relative error
+# 2^-11, below bf16's; a half holds 4 |w| |x|).
+_UNPACK8 = """.reg .b32 a, b, c, d, t, m, lo4, hi4, k1, k2, k3, k4, acc;
 mov.b32 m, 0x64006400;
 mov.b32 lo4, 0x000F000F;
 mov.b32 hi4, 0x00F000F0;
-mov.b32 s1, 0x2C002C00;
-mov.b32 c1, 0xD408D408;
-mov.b32 s2, 0x1C001C00;
-mov.b32 c2, 0xC480C480;
 lop3.b32 a, $W, lo4, m, 0xEA;
 lop3.b32 b, $W, hi4, m, 0xEA;
 shr.u32 t, $W, 8;
 lop3.b32 c, t, lo4, m, 0xEA;
 lop3.b32 d, t, hi4, m, 0xEA;
-fma.rn.f16x2 a, a, s1, c1;
-fma.rn.f16x2 b, b, s2, c2;
-fma.rn.f16x2 c, c, s1, c1;
-fma.rn.f16x2 d, d, s2, c2;
-mul.rn.f16x2 acc, a, $XA;
+"""  # the word $W's nibble pairs (0, 4) (1, 5) (2, 6) (3, 7) as 1024 + q in a, c and 1024 + 16 q in b, d
+_TO_Q16 = """mov.b32 k1, 0x2C002C00;
+mov.b32 k2, 0xD408D408;
+mov.b32 k3, 0x1C001C00;
+mov.b32 k4, 0xC480C480;
+fma.rn.f16x2 a, a, k1, k2;
+fma.rn.f16x2 b, b, k3, k4;
+fma.rn.f16x2 c, c, k1, k2;
+fma.rn.f16x2 d, d, k3, k4;
+"""  # -> (q - 8) / 16, exact
+_TO_W = """mov.b32 k1, 0x3C003C00;
+mov.b32 k2, 0xE408E408;
+mov.b32 k3, 0x2C002C00;
+mov.b32 k4, 0xD480D480;
+fma.rn.f16x2 a, a, k1, k2;
+fma.rn.f16x2 b, b, k3, k4;
+fma.rn.f16x2 c, c, k1, k2;
+fma.rn.f16x2 d, d, k3, k4;
+fma.rn.f16x2 a, a, $SA, $ZA;
+fma.rn.f16x2 b, b, $SB, $ZB;
+fma.rn.f16x2 c, c, $SC, $ZC;
+fma.rn.f16x2 d, d, $SD, $ZD;
+"""  # -> q - 8 (exact), then the weight (q - 8) scale + (zero + 8 scale) in fp16, each nibble's own group's
+_DOT4 = """mul.rn.f16x2 acc, a, $XA;
 fma.rn.f16x2 acc, b, $XB, acc;
 fma.rn.f16x2 acc, c, $XC, acc;
 fma.rn.f16x2 acc, d, $XD, acc;
-"""  # the word's operand $W, x's pairs $XA-$XD (numbered after the outputs); leaves the pair sums in acc
+"""  # times x's pairs $XA-$XD, the 4 pairs summed in fp16
+_F32_OUT = ".reg .b16 l, h;\nmov.b32 {l, h}, acc;\ncvt.f32.f16 $0, l;\ncvt.f32.f16 $1, h;\n"  # (lo, hi) fp32
+_PAIR_OUT = "mov.b32 $0, acc;\n"  # the fp16 pair itself, for a sum over words before one conversion (PRESUM)
 
 
-def _dot8_asm(outputs: int, tail: str) -> tl.constexpr:
-    body = _DOT8_PAIRS
-    for i, name in enumerate(("$W", "$XA", "$XB", "$XC", "$XD")):
+def _dot8_asm(convert: str, tail: str) -> tl.constexpr:
+    body, outputs = _UNPACK8 + convert + _DOT4 + tail, 2 if tail == _F32_OUT else 1
+    names = ("$W", "$XA", "$XB", "$XC", "$XD", "$SA", "$SB", "$SC", "$SD", "$ZA", "$ZB", "$ZC", "$ZD")
+    for i, name in enumerate(names):
         body = body.replace(name, f"${outputs + i}")
-    return tl.constexpr("{\n" + body + tail + "}")
+    return tl.constexpr("{\n" + body + "}")
 
 
-# fp32 (lo, hi) outputs: the sums of nibbles 0-3 and 4-7
-_DOT8_ASM = _dot8_asm(2, ".reg .b16 l, h;\nmov.b32 {l, h}, acc;\ncvt.f32.f16 $0, l;\ncvt.f32.f16 $1, h;\n")
-# the pair itself (int32), so a thread's words of one span can be summed in fp16 before one conversion (PRESUM)
-_DOT8H_ASM = _dot8_asm(1, "mov.b32 $0, acc;\n")
+_DOT8_ASM = _dot8_asm(_TO_Q16, _F32_OUT)  # operands: word, x pairs
+_DOT8H_ASM = _dot8_asm(_TO_Q16, _PAIR_OUT)
+_DOT8W_ASM = _dot8_asm(_TO_W, _F32_OUT)  # operands: word, x pairs, scale pairs, zero + 8 scale pairs
+_DOT8WH_ASM = _dot8_asm(_TO_W, _PAIR_OUT)
 
 
 @triton.jit
@@ -186,6 +207,18 @@ def _half2(lo, hi):
     # two fp32 tensors -> int32 tensor of fp16 pairs (lo in bits 0-15), rounded to nearest
     return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=tl.int32,
                                      is_pure=True, pack=1)
+
+
+@triton.jit
+def _group32_pairs(s_ptr, z_ptr, g, N, offs_n, n_mask, BN: tl.constexpr, HAS_ZERO: tl.constexpr):
+    # groups g and g + 4 (nibbles j and j + 4 of a span's words): (scale pair, zero + 8 scale pair) as (BN, 32) int32
+    sa = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    sb = tl.load(s_ptr + (g + 4) * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    za, zb = 8.0 * sa, 8.0 * sb
+    if HAS_ZERO:
+        za += tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        zb += tl.load(z_ptr + (g + 4) * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    return (tl.broadcast_to(_half2(sa, sb)[:, None], (BN, 32)), tl.broadcast_to(_half2(za, zb)[:, None], (BN, 32)))
 
 
 @triton.jit
@@ -223,27 +256,53 @@ def _w4h_tile(x_ptr, w_ptr, s_ptr, z_ptr, N, Kw, t, s_lo, s_hi,
         f6, f7 = tl.load(xk + 192).to(tl.float32), tl.load(xk + 224).to(tl.float32)
         xs = [p, tl.broadcast_to(_half2(f0, f4)[None, :], (BN, 32)), tl.broadcast_to(_half2(f1, f5)[None, :], (BN, 32)),
               tl.broadcast_to(_half2(f2, f6)[None, :], (BN, 32)), tl.broadcast_to(_half2(f3, f7)[None, :], (BN, 32))]
+        if GROUP == 32:  # nibble j of the span's words is group 8 s + j: the scales go into the fp16 weights
+            sa, za = _group32_pairs(s_ptr, z_ptr, s * 8, N, offs_n, n_mask, BN, HAS_ZERO)
+            sb, zb = _group32_pairs(s_ptr, z_ptr, s * 8 + 1, N, offs_n, n_mask, BN, HAS_ZERO)
+            sc, zc = _group32_pairs(s_ptr, z_ptr, s * 8 + 2, N, offs_n, n_mask, BN, HAS_ZERO)
+            sd, zd = _group32_pairs(s_ptr, z_ptr, s * 8 + 3, N, offs_n, n_mask, BN, HAS_ZERO)
+            xs = xs + [sa, sb, sc, sd, za, zb, zc, zd]
         if PRESUM:  # PRESUM neighbouring words (same span, so the same groups) summed in fp16, then converted
-            h = tl.inline_asm_elementwise(_DOT8H_ASM, "=r,r,r,r,r,r", xs, dtype=tl.int32, is_pure=True, pack=1)
+            if GROUP == 32:
+                h = tl.inline_asm_elementwise(_DOT8WH_ASM, "=r" + 13 * ",r", xs, dtype=tl.int32, is_pure=True, pack=1)
+            else:
+                h = tl.inline_asm_elementwise(_DOT8H_ASM, "=r" + 5 * ",r", xs, dtype=tl.int32, is_pure=True, pack=1)
             lo, hi = _half2_f32(tl.reduce(tl.reshape(h, (BN, 32 // PRESUM, PRESUM)), 2, _add_half2))
-        else:
-            lo, hi = tl.inline_asm_elementwise(_DOT8_ASM, "=f,=f,r,r,r,r,r", xs, dtype=(tl.float32, tl.float32),
+        elif GROUP == 32:
+            lo, hi = tl.inline_asm_elementwise(_DOT8W_ASM, "=f,=f" + 13 * ",r", xs, dtype=(tl.float32, tl.float32),
                                                is_pure=True, pack=1)
-        ga, gb = (s * 256) // GROUP, (s * 256 + 128) // GROUP
-        sa = tl.load(s_ptr + ga * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        sb = tl.load(s_ptr + gb * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        acc += lo * sa[:, None]  # two FMAs, not a product, an FMA and an add
-        acc += hi * sb[:, None]
-        za, zb = 0.5 * sa, 0.5 * sb  # (zero + 8 scale) / 16, so the 16 at the end scales both terms
-        if HAS_ZERO:
-            za += tl.load(z_ptr + ga * N + offs_n, mask=n_mask, other=0.0).to(tl.float32) * 0.0625
-            zb += tl.load(z_ptr + gb * N + offs_n, mask=n_mask, other=0.0).to(tl.float32) * 0.0625
-        zacc += za * tl.sum(f0 + f1 + f2 + f3, 0) + zb * tl.sum(f4 + f5 + f6 + f7, 0)
+        else:
+            lo, hi = tl.inline_asm_elementwise(_DOT8_ASM, "=f,=f" + 5 * ",r", xs, dtype=(tl.float32, tl.float32),
+                                               is_pure=True, pack=1)
+        if GROUP == 32:
+            acc += lo
+            acc += hi
+        else:
+            acc, zacc = _scale_groups(acc, zacc, lo, hi, s, s_ptr, z_ptr, N, offs_n, n_mask, f0 + f1 + f2 + f3,
+                                      f4 + f5 + f6 + f7, GROUP, HAS_ZERO)
         if PF == 1:
             p = p_n
         if PF == 2:
             p, p1 = p1, p_n
-    return (tl.sum(acc, 1) + zacc) * 16.0
+    return (tl.sum(acc, 1) + zacc) * (1.0 if GROUP == 32 else 16.0)
+
+
+@triton.jit
+def _scale_groups(acc, zacc, lo, hi, s, s_ptr, z_ptr, N, offs_n, n_mask, xa, xb, GROUP: tl.constexpr,
+                  HAS_ZERO: tl.constexpr):
+    # groups of 128 / 256: span s's two halves (nibbles 0-3: xa, the lanes' x sums; 4-7: xb) scaled into acc; the
+    # zero term (zero + 8 scale) / 16 times the group's x sum into zacc
+    ga, gb = (s * 256) // GROUP, (s * 256 + 128) // GROUP
+    sa = tl.load(s_ptr + ga * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    sb = tl.load(s_ptr + gb * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    acc += lo * sa[:, None]  # two FMAs, not a product, an FMA and an add
+    acc += hi * sb[:, None]
+    za, zb = 0.5 * sa, 0.5 * sb  # (zero + 8 scale) / 16, so the 16 at the end scales both terms
+    if HAS_ZERO:
+        za += tl.load(z_ptr + ga * N + offs_n, mask=n_mask, other=0.0).to(tl.float32) * 0.0625
+        zb += tl.load(z_ptr + gb * N + offs_n, mask=n_mask, other=0.0).to(tl.float32) * 0.0625
+    zacc += za * tl.sum(xa, 0) + zb * tl.sum(xb, 0)
+    return acc, zacc
 
 
 @triton.jit
@@ -375,9 +434,12 @@ def config(m: int, n: int, kp: int, bits: int, group: int, sms: int = 132, table
     for mb in (b for b in ROW_BUCKETS if b >= m):  # the nearest measured row count at or above m
         if (mb, n, kp, bits, group) in table:
             return table[mb, n, kp, bits, group]
-    if m == 1 and bits == 4 and group in (128, 256):  # the packed-half kernel (see `launch` for when it applies)
-        # a stream of 4 programs per SM, except for a vocabulary-sized head, whose logits are read unsplit
-        return ("gemvh", 32, 2, 4, 1) if n >= 65536 else ("gemvs", 64, 2, 4, 4)
+    if m == 1 and bits == 4 and group in (32, 128, 256):  # the packed-half kernel (see `launch` for when it applies)
+        # the Llama-3-8B sweep's best: a stream of programs, except for a vocabulary-sized head, whose logits are read
+        # unsplit; groups of 32 (more per-group work a word) do best with smaller tiles and words summed 4 at a time
+        if group == 32:
+            return ("gemvh", 32, 2, 4, 1, 4) if n >= 65536 else ("gemvs", 32, 2, 2, 8, 4)
+        return ("gemvh", 128, 2, 8, 1, 4) if n >= 65536 else ("gemvs", 64, 2, 4, 4)
     elif m == 1 and bits == 4:
         kind = ("gemv", 16, 4, 2)
     elif m == 1:
@@ -429,8 +491,8 @@ def launch(x, qweight, scales, zeros, bias, bits: int, group: int, K: int, cfg: 
     spans = Kp // SPAN
     kind, *c = cfg
     presum = c.pop() if kind in ("gemvh", "gemvs") and len(c) == 5 else 0  # optional: words summed in fp16
-    if kind in ("gemvh", "gemvs") and (glu or K != Kp or group not in (128, 256) or x.dtype == torch.float32):
-        # the packed-half kernel takes unpadded K, groups of 128 / 256, no GLU, and rounds x to fp16 (so not for fp32
+    if kind in ("gemvh", "gemvs") and (glu or K != Kp or group not in (32, 128, 256) or x.dtype == torch.float32):
+        # the packed-half kernel takes unpadded K, groups of 32 / 128 / 256, no GLU, and rounds x to fp16 (so not for fp32
         # activations): else the fp32 one-row kernel, same tile (a stream config's programs per SM read as splits)
         kind = "gemv"
     per = -(-spans // c[-1])
