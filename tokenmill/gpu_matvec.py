@@ -2,12 +2,16 @@
 over the weights, split over K so that every shape launches several programs per SM.
 
 Each program takes BN columns and a contiguous run of `per` spans of 256 K and adds its fp32 partial sums atomically
-into a persistent zeroed accumulator, which the consumer reads and zeroes (gpu_layers.py: RoPE, residual + RMSNorm),
-so a split costs no extra launch. With one split the kernel writes the finished product in the output's dtype.
-One row: fp32 FMA, q' = 128 + q read from the mantissa (no int-to-float conversion), sum(q' x) per group scaled once
-by the group's scale and corrected by (zero - 128 scale) * sum(x). More rows: tensor cores, each group's partial
-product scaled after its last sub-tile. `GLU`: x is gate | up (M, 2K) and the kernel multiplies by silu(gate) * up,
-computed as it loads (down_proj without a SiLU launch; used up to GLU_ROWS rows, where it measured faster).
+into a persistent zeroed accumulator, which the consumer reads and zeroes (gpu_layers.py: RoPE, residual + RMSNorm,
+SiLU-mul), so a split costs no extra launch. With one split the kernel writes the finished product in the output's
+dtype.
+One 4-bit row, bf16 x (`_gemv_w4h_kernel`): packed fp16 pair math in inline PTX, two nibbles per instruction (see
+`_UNPACK8`), each thread's x converted once and shared by its columns; "gemvs" runs it as a stream (r programs per SM,
+equal runs of the column tiles x spans units, no partial last wave), "gemvh" on the split grid. Otherwise one row
+(fp32 x, padded K, GLU): `_gemv_w4_kernel`, fp32 FMA with q' = 128 + q read from the mantissa. More rows: tensor
+cores, each group's partial product scaled after its last sub-tile. `GLU`: x is gate | up (M, 2K) and the kernel
+multiplies by silu(gate) * up as it loads (down_proj without a SiLU launch; used up to GLU_ROWS rows). The decode
+path launches with programmatic dependent launch (`pdl`).
 """
 from __future__ import annotations
 
@@ -144,28 +148,19 @@ shr.u32 t, $W, 8;
 lop3.b32 c, t, lo4, m, 0xEA;
 lop3.b32 d, t, hi4, m, 0xEA;
 """  # the word $W's nibble pairs (0, 4) (1, 5) (2, 6) (3, 7) as 1024 + q in a, c and 1024 + 16 q in b, d
-_TO_Q16 = """mov.b32 k1, 0x2C002C00;
-mov.b32 k2, 0xD408D408;
-mov.b32 k3, 0x1C001C00;
-mov.b32 k4, 0xC480C480;
-fma.rn.f16x2 a, a, k1, k2;
-fma.rn.f16x2 b, b, k3, k4;
-fma.rn.f16x2 c, c, k1, k2;
-fma.rn.f16x2 d, d, k3, k4;
-"""  # -> (q - 8) / 16, exact
-_TO_W = """mov.b32 k1, 0x3C003C00;
-mov.b32 k2, 0xE408E408;
-mov.b32 k3, 0x2C002C00;
-mov.b32 k4, 0xD480D480;
-fma.rn.f16x2 a, a, k1, k2;
-fma.rn.f16x2 b, b, k3, k4;
-fma.rn.f16x2 c, c, k1, k2;
-fma.rn.f16x2 d, d, k3, k4;
-fma.rn.f16x2 a, a, $SA, $ZA;
-fma.rn.f16x2 b, b, $SB, $ZB;
-fma.rn.f16x2 c, c, $SC, $ZC;
-fma.rn.f16x2 d, d, $SD, $ZD;
-"""  # -> q - 8 (exact), then the weight (q - 8) scale + (zero + 8 scale) in fp16, each nibble's own group's
+
+
+def _pairs_fma(k1: str, k2: str, k3: str, k4: str) -> str:
+    # a, c = a, c * k1 + k2; b, d = b, d * k3 + k4 (constant fp16 pairs)
+    return (f"mov.b32 k1, {k1};\nmov.b32 k2, {k2};\nmov.b32 k3, {k3};\nmov.b32 k4, {k4};\n"
+            + "".join(f"fma.rn.f16x2 {r}, {r}, {m}, {c};\n" for r, m, c in
+                      (("a", "k1", "k2"), ("b", "k3", "k4"), ("c", "k1", "k2"), ("d", "k3", "k4"))))
+
+
+_TO_Q16 = _pairs_fma("0x2C002C00", "0xD408D408", "0x1C001C00", "0xC480C480")  # -> (q - 8) / 16, exact
+# -> q - 8 (exact), then the weight (q - 8) scale + (zero + 8 scale) in fp16, each nibble's own group's
+_TO_W = _pairs_fma("0x3C003C00", "0xE408E408", "0x2C002C00", "0xD480D480") + "".join(
+    f"fma.rn.f16x2 {r}, {r}, $S{g}, $Z{g};\n" for r, g in (("a", "A"), ("b", "B"), ("c", "C"), ("d", "D")))
 _DOT4 = """mul.rn.f16x2 acc, a, $XA;
 fma.rn.f16x2 acc, b, $XB, acc;
 fma.rn.f16x2 acc, c, $XC, acc;
