@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 import tokenmill
-from tokenmill.bench import cpu_name
+from tokenmill.monitoring.metrics_log import cpu_name
 from tokenmill.chat import ChatSession
 from tokenmill.llm import LLM
-from tokenmill.sampling import SamplingParams
+from tokenmill.sampling.params import SamplingParams
 
 SYSTEM = "You are a concise assistant."
 QUESTIONS = [

@@ -31,7 +31,7 @@ import time
 import torch
 
 import tokenmill
-from tokenmill.metrics import cpu_name
+from tokenmill.monitoring.metrics_log import cpu_name
 
 CONTEXT = 2048
 

@@ -19,8 +19,8 @@ import torch
 
 import tokenmill
 from tokenmill import SamplingParams
-from tokenmill.bench import cpu_name
-from tokenmill.engine import LLMEngine
+from tokenmill.monitoring.metrics_log import cpu_name
+from tokenmill.engine.llm_engine import LLMEngine
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = [REPO.parent / "shared/data/wikitext-2-raw-test.txt", Path("/work/shared/data/wikitext-2-raw-test.txt")]

@@ -15,11 +15,11 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from tokenmill import gpu_matvec
-from tokenmill.gpu_attention import decode_splits, paged_decode
-from tokenmill.gpu_bench import TinygemmLinear, copy_bandwidth
-from tokenmill.gpu_layers import silu_mul
-from tokenmill.gpu_linear import QuantLinear
+from tokenmill.kernels.gpu import matvec as gpu_matvec
+from tokenmill.kernels.gpu.attention import decode_splits, paged_decode
+from tokenmill.monitoring.gpu_shapes import TinygemmLinear, copy_bandwidth
+from tokenmill.kernels.gpu.fused import silu_mul
+from tokenmill.kernels.gpu.quant_linear import QuantLinear
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}

@@ -17,9 +17,9 @@ import time
 
 import torch
 
-import tokenmill.sampler
-from tokenmill.sampler import Sampler, SeqSamplingState
-from tokenmill.sampling import SamplingParams
+import tokenmill.sampling.sampler
+from tokenmill.sampling.sampler import Sampler, SeqSamplingState
+from tokenmill.sampling.params import SamplingParams
 
 BATCHES = (1, 16, 64)
 CONFIGS = {
@@ -102,7 +102,7 @@ def main():
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     if args.torch_sampler:
-        tokenmill.sampler._kernels = lambda: None
+        tokenmill.sampling.sampler._kernels = lambda: None
     if args.synthetic:
         g = torch.Generator().manual_seed(0)
         step_ms = None
@@ -112,7 +112,7 @@ def main():
     V = logits[1][0].shape[-1]
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, V {V}, "
           f"history {args.history} tokens, {'synthetic' if args.synthetic else 'model'} logits, sampler "
-          f"{'PyTorch only' if tokenmill.sampler._kernels() is None else 'with C++ kernels'}; median {args.clock} ms "
+          f"{'PyTorch only' if tokenmill.sampling.sampler._kernels() is None else 'with C++ kernels'}; median {args.clock} ms "
           f"per call")
     if step_ms:
         print(f"  {'model decode step':26s}          " + "  ".join(f"B={B}: {step_ms[B]:7.1f}" for B in BATCHES))

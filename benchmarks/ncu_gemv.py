@@ -5,7 +5,7 @@
 """
 import torch
 
-from tokenmill.gpu_linear import QuantLinear
+from tokenmill.kernels.gpu.quant_linear import QuantLinear
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}

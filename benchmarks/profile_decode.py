@@ -12,9 +12,9 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from tokenmill.cuda_graphs import DecodeGraphs
-from tokenmill.gpu_bench import BLOCK, build_model, decode_tps
-from tokenmill.paged_cache import PagedKVCache
+from tokenmill.engine.cuda_graphs import DecodeGraphs
+from tokenmill.monitoring.gpu_shapes import BLOCK, build_model, decode_tps
+from tokenmill.engine.kv_cache import PagedKVCache
 
 
 def profile_cpu(args):

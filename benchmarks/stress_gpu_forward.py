@@ -15,10 +15,10 @@ import torch
 sys.path.insert(0, os.getcwd())
 from tests.test_gpu import random_model  # noqa: E402
 from tests.test_gpu_kernels import SHAPES  # noqa: E402
-from tokenmill import gpu_matvec  # noqa: E402
-from tokenmill.config import ModelConfig  # noqa: E402
-from tokenmill.gpu_layers import prepare_gpu_model  # noqa: E402
-from tokenmill.kv_cache import KVCache  # noqa: E402
+from tokenmill.kernels.gpu import matvec as gpu_matvec  # noqa: E402
+from tokenmill.model.config import ModelConfig  # noqa: E402
+from tokenmill.model.gpu import prepare_gpu_model  # noqa: E402
+from tokenmill.engine.contiguous_cache import KVCache  # noqa: E402
 
 QWEN2 = {"qkv": (4608, 3584), "o": (3584, 3584), "down": (3584, 18944), "head": (4096, 3584)}
 

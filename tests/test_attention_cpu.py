@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from tokenmill import cpu_attention
-from tokenmill.config import ModelConfig
-from tokenmill.kv_cache import KVCache
-from tokenmill.paged_cache import PagedKVCache
+from tokenmill.kernels.cpu import attention as cpu_attention
+from tokenmill.model.config import ModelConfig
+from tokenmill.engine.contiguous_cache import KVCache
+from tokenmill.engine.kv_cache import PagedKVCache
 
 pytestmark = pytest.mark.skipif(not cpu_attention.available(torch.device("cpu"), 64, torch.float32),
                                 reason="the C++ attention kernel did not build here")

@@ -6,8 +6,10 @@ import json
 import pytest
 
 import tokenmill.llm
-from tokenmill import baseline, cli, quality
-from tokenmill.baseline import compare, compare_figure, compare_golden, figure
+from tokenmill.monitoring import baseline
+from tokenmill.cli import main as cli
+from tokenmill.monitoring import quality
+from tokenmill.monitoring.baseline import compare, compare_figure, compare_golden, figure
 from tokenmill.errors import InvalidRequestError
 
 

@@ -6,17 +6,19 @@ import sys
 
 import pytest
 
-from tokenmill import SamplingParams, batch
-from tokenmill.engine import LLMEngine
+import tokenmill.llm
+from tokenmill import SamplingParams
+from tokenmill.cli import main as cli
+from tokenmill.engine.llm_engine import LLMEngine
 
 ARGS = ["--max-tokens", "4", "--temperature", "0", "--kv-cache-memory", "64MiB", "--no-progress"]
 
 
 @pytest.fixture
 def run(llm, monkeypatch):
-    """batch.main in this process, on the session's model."""
-    monkeypatch.setattr(batch, "_load_llm", lambda args: llm)
-    return lambda *argv: batch.main([*map(str, argv), *ARGS])
+    """`tokenmill batch` in this process, on the session's model."""
+    monkeypatch.setattr(tokenmill.llm, "load", lambda *a, **k: llm)
+    return lambda *argv: cli.main(["batch", *map(str, argv), *ARGS])
 
 
 def read(path):
@@ -70,7 +72,7 @@ def test_jsonl_with_bad_lines_per_line_params_and_a_prompt_too_long(llm, run, tm
 
 
 def test_strict_fails_at_the_first_bad_line_before_any_work(run, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(batch, "_load_llm", lambda args: pytest.fail("loaded the model"))
+    monkeypatch.setattr(tokenmill.llm, "load", lambda *a, **k: pytest.fail("loaded the model"))
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text(json.dumps({"id": 1, "prompt": "ok"}) + "\n" + json.dumps({"id": 2}) + "\n")
     assert run(src, "-o", dst, "--strict") == 2
@@ -110,7 +112,7 @@ def test_rerun_skips_finished_ids_and_an_interrupted_run_loses_nothing(llm, run,
 
 def run_cli(*args):
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    return subprocess.run([sys.executable, "-m", "tokenmill.batch", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "tokenmill", "batch", *map(str, args)], capture_output=True, text=True,
                           timeout=120, env=env, stdin=subprocess.DEVNULL)
 
 

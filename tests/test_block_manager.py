@@ -2,8 +2,8 @@
 (FCFS, chunked prefill, preemption, requests that never fit), on counts alone: no model, no tensors."""
 from types import SimpleNamespace
 
-from tokenmill.block_manager import BlockManager, block_keys
-from tokenmill.scheduler import Request, Scheduler
+from tokenmill.engine.block_manager import BlockManager, block_keys
+from tokenmill.engine.scheduler import Request, Scheduler
 
 BS = 4
 

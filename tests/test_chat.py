@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from tokenmill.chat import ChatSession
-from tokenmill.chat_cli import ChatREPL, FenceStyler
+from tokenmill.cli.chat import ChatREPL, FenceStyler
 from tokenmill.errors import InvalidRequestError
 from tokenmill.llm import LLM
-from tokenmill.sampling import SamplingParams
+from tokenmill.sampling.params import SamplingParams
 
 STATS = re.compile(r"prompt (\d+) tok \((\d+) cached, (\d+) new\).*\| reply (\d+) tok .*\| context (\d+)/(\d+)")
 
@@ -340,8 +340,8 @@ def check_cli(*args, stdin=None):
 def test_check_prompt_finds_planted_mistake_and_is_silent_on_good_prompts(gguf_path, tmp_path, capsys, monkeypatch):
     import functools
 
-    from tokenmill import chat_cli
-    from tokenmill.cli import main
+    from tokenmill.cli import chat as chat_cli
+    from tokenmill.cli.main import main
 
     # in-process runs read the GGUF vocabulary once (gguf-py takes seconds to parse it)
     monkeypatch.setattr(chat_cli, "_tokenizer_and_template", functools.lru_cache(chat_cli._tokenizer_and_template))

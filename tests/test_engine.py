@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tokenmill import SamplingParams
-from tokenmill.engine import LLMEngine
+from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.errors import InvalidRequestError
-from tokenmill.paged_cache import PagedKVCache
+from tokenmill.engine.kv_cache import PagedKVCache
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
 SENTENCES = [
@@ -231,10 +231,10 @@ def test_bad_requests_are_typed_errors(llm):
 @pytest.fixture(scope="module")
 def tiny_llm(llm):
     """A 2-layer random llama on the default model's tokenizer: steps take milliseconds."""
-    from tokenmill.config import ModelConfig
+    from tokenmill.model.config import ModelConfig
     from tokenmill.llm import LLM
-    from tokenmill.loader import LoadedModel
-    from tokenmill.model import Transformer
+    from tokenmill.model.loader import LoadedModel
+    from tokenmill.model.transformer import Transformer
 
     cfg = ModelConfig("llama", vocab_size=llm.config.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,
                       num_heads=4, num_kv_heads=2, max_position_embeddings=256)

@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
 import tokenmill  # noqa: E402
-from tokenmill.gguf_file import GGUFFile  # noqa: E402
+from tokenmill.formats.gguf_file import GGUFFile  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenmill.config import ModelConfig
-from tokenmill.kv_cache import KVCache
-from tokenmill.model import Transformer
+from tokenmill.model.config import ModelConfig
+from tokenmill.engine.contiguous_cache import KVCache
+from tokenmill.model.transformer import Transformer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -70,7 +70,7 @@ def gguf_model(cfg: ModelConfig, seed: int = 0) -> tuple[Transformer, dict]:
     import gguf
     from gguf import GGMLQuantizationType as T
 
-    from tokenmill.quants import QuantizedTensor
+    from tokenmill.formats.quants import QuantizedTensor
 
     model = random_model(cfg, seed)
     kinds = {"q_proj": T.Q4_1, "k_proj": T.Q4_1, "v_proj": T.Q4_1, "o_proj": T.Q4_1, "gate_proj": T.Q4_0,
@@ -95,8 +95,8 @@ def test_runner_fp32_matches_cpu_fp32(shape):
     tokens, CUDA-graph decode steps). Logits: the CPU fp32 model's (same blocks, dequantized) within 1e-4 of their
     range."""
     pytest.importorskip("triton")
-    from tokenmill.loader import LoadedModel
-    from tokenmill.runner import ModelRunner
+    from tokenmill.model.loader import LoadedModel
+    from tokenmill.engine.model_runner import ModelRunner
 
     cfg = ModelConfig(max_position_embeddings=512, **SHAPES[shape])
     model, packed = gguf_model(cfg)

@@ -19,8 +19,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 pytest.importorskip("triton")
 
 import tokenmill  # noqa: E402
-from tokenmill.kv_cache import KVCache  # noqa: E402
-from tokenmill.loader import load_model  # noqa: E402
+from tokenmill.engine.contiguous_cache import KVCache  # noqa: E402
+from tokenmill.model.loader import load_model  # noqa: E402
 
 PROMPTS = [(True, "What is the capital of France?"), (True, "Write a Python function that reverses a string."),
            (True, "Write a haiku about the sea."), (True, "请用中文介绍一下你自己。"),

@@ -12,10 +12,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 pytest.importorskip("triton")
 
 import tokenmill  # noqa: E402
-from tokenmill.config import ModelConfig  # noqa: E402
-from tokenmill.engine import LLMEngine  # noqa: E402
-from tokenmill.model import Transformer  # noqa: E402
-from tokenmill.sampling import SamplingParams  # noqa: E402
+from tokenmill.model.config import ModelConfig  # noqa: E402
+from tokenmill.engine.llm_engine import LLMEngine  # noqa: E402
+from tokenmill.model.transformer import Transformer  # noqa: E402
+from tokenmill.sampling.params import SamplingParams  # noqa: E402
 
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 320, "hidden_size": 256,
           "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
@@ -81,12 +81,12 @@ def test_engine_on_gpu_gives_the_cpu_greedy_tokens(folder):
 def test_batch_command_on_gpu(folder, tmp_path, monkeypatch):
     """`tokenmill batch` unchanged, its model loaded on the GPU (the CLI has no device flag yet: load is wrapped)."""
     import tokenmill.llm
-    from tokenmill.batch import main as batch_main
+    from tokenmill.cli import main as cli
 
     load = tokenmill.llm.load
     monkeypatch.setattr(tokenmill.llm, "load", lambda *a, **kw: load(*a, **{**kw, "device": "cuda"}))
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps({"id": str(i), "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
-    assert batch_main([str(inp), "-o", str(out), "-m", str(folder), "--no-progress", "--kv-cache-memory", "64MiB"]) == 0
+    assert cli.main(["batch", str(inp), "-o", str(out), "-m", str(folder), "--no-progress", "--kv-cache-memory", "64MiB"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == [str(i) for i in range(len(PROMPTS))]

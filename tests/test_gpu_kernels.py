@@ -7,13 +7,13 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 triton = pytest.importorskip("triton")
 
-from tokenmill.config import ModelConfig  # noqa: E402
-from tokenmill.gpu_attention import decode_reference, paged_decode, store_kv  # noqa: E402
-from tokenmill.gpu_layers import (prepare_gpu_model, rmsnorm, rope_qkv, rope_qkv_reference, silu_mul,  # noqa: E402
-                                  silu_mul_reference)
-from tokenmill.gpu_linear import QuantLinear, reference, unpack  # noqa: E402
-from tokenmill.model import Transformer  # noqa: E402
-from tokenmill.paged_cache import PagedKVCache  # noqa: E402
+from tokenmill.model.config import ModelConfig  # noqa: E402
+from tokenmill.kernels.gpu.attention import decode_reference, paged_decode, store_kv  # noqa: E402
+from tokenmill.kernels.gpu.fused import rmsnorm, rope_qkv, rope_qkv_reference, silu_mul, silu_mul_reference  # noqa: E402
+from tokenmill.model.gpu import prepare_gpu_model  # noqa: E402
+from tokenmill.kernels.gpu.quant_linear import QuantLinear, reference, unpack  # noqa: E402
+from tokenmill.model.transformer import Transformer  # noqa: E402
+from tokenmill.engine.kv_cache import PagedKVCache  # noqa: E402
 from tests.test_gpu import SHAPES as GPU_SHAPES, random_model  # noqa: E402
 from tests.test_gpu import cached_logits as run_contiguous  # noqa: E402
 
@@ -23,7 +23,7 @@ def zeroed_accumulators():
     # split-K accumulators are process-wide, one per column count; every test starts from zero so one test's leftover
     # partial sums cannot reach another's (hygiene; the intermittent failures of issue 6 were a race inside the norm
     # kernel, see test_norm_reads_partial_sums_before_zeroing)
-    from tokenmill import gpu_matvec
+    from tokenmill.kernels.gpu import matvec as gpu_matvec
 
     with torch.inference_mode():  # the buffers are made inside inference mode
         for buf in gpu_matvec._ACCUMULATORS.values():
@@ -59,7 +59,7 @@ def test_quant_linear_matches_reference(bits, group, n, k):
 def test_one_row_kernels_match_reference(cfg, group, zero, bias):
     # the packed-half kernel (fp16 pair math, gpu_matvec._DOT8_ASM) and the fp32 one against the fp32 reference:
     # columns not a multiple of the tile, K splits with a short last one, x of magnitude 1 and 1e3
-    from tokenmill import gpu_matvec
+    from tokenmill.kernels.gpu import matvec as gpu_matvec
 
     torch.manual_seed(group + 2 * zero + 4 * bias)
     n, k = 300, 2304
@@ -81,7 +81,7 @@ def test_one_row_kernels_match_reference(cfg, group, zero, bias):
 def test_gguf_repack_is_exact(qtype):
     from gguf import GGMLQuantizationType as T
 
-    from tokenmill.quants import QuantizedTensor, block_size
+    from tokenmill.formats.quants import QuantizedTensor, block_size
 
     t = T[qtype]
     elems, nbytes = block_size(t)
@@ -140,8 +140,8 @@ def test_fused_ops_match_reference():
 def test_norm_reads_partial_sums_before_zeroing():
     # the norm kernel loads each accumulator element in one thread and zeroes it from another (different layouts);
     # before a barrier separated the two, about 1 prefill forward in 50 lost some of down_proj's partial sums
-    from tokenmill.gpu_layers import add_norm
-    from tokenmill.gpu_matvec import accumulator
+    from tokenmill.kernels.gpu.fused import add_norm
+    from tokenmill.kernels.gpu.matvec import accumulator
 
     torch.manual_seed(0)
     x = torch.randn(32, 3584, device="cuda", dtype=torch.bfloat16)
@@ -183,7 +183,7 @@ def dequantized_cpu_copy(model: Transformer, gpu: Transformer) -> Transformer:
 def run_paged_graphs(model, ids, n_prompt):
     """Prefill through the paged view (SDPA), then decode steps replayed from a CUDA graph, batch of 3 copies. Each
     output is also copied to the CPU when made: a later change to a kept GPU tensor (memory reused under it) fails."""
-    from tokenmill.cuda_graphs import DecodeGraphs
+    from tokenmill.engine.cuda_graphs import DecodeGraphs
 
     cfg = model.config
     cache = PagedKVCache(cfg, 3 * 4 + 1, 16, torch.bfloat16, "cuda")

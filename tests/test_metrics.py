@@ -8,8 +8,10 @@ import time
 import pytest
 
 import tokenmill.llm
-from tokenmill import SamplingParams, cli, metrics
-from tokenmill.metrics import MetricsLog, model_hash, read_log
+from tokenmill import SamplingParams
+from tokenmill.cli import main as cli
+from tokenmill.monitoring import metrics_log as metrics
+from tokenmill.monitoring.metrics_log import MetricsLog, model_hash, read_log
 
 FIELDS = {"timestamp", "command", "request_id", "model", "model_hash", "device", "prompt_tokens", "cached_tokens",
           "computed_tokens", "generated_tokens", "ttft_s", "prompt_tps", "generation_tps", "total_s", "context_start",
@@ -98,12 +100,10 @@ def test_chat_cli_logs_each_reply(session_model, tmp_path, monkeypatch, capsys):
 
 
 def test_batch_cli_logs_each_request_with_engine_timings(llm, tmp_path, monkeypatch, capsys):
-    from tokenmill import batch
-
-    monkeypatch.setattr(batch, "_load_llm", lambda args: llm)
+    monkeypatch.setattr(tokenmill.llm, "load", lambda *a, **k: llm)
     src, dst, path = tmp_path / "in.txt", tmp_path / "out.jsonl", tmp_path / "batch.jsonl"
     src.write_text("The moon is\ndef add(a, b):\nRoses are red,\n")
-    assert batch.main([str(src), "-o", str(dst), "--max-tokens", "4", "--temperature", "0", "--no-progress",
+    assert cli.main(["batch", str(src), "-o", str(dst), "--max-tokens", "4", "--temperature", "0", "--no-progress",
                        "--kv-cache-memory", "64MiB", "--metrics-log", str(path)]) == 0
     out = {r["id"]: r for r in map(json.loads, dst.read_text().splitlines())}
     lines = read_log(path)

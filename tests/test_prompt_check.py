@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from tokenmill.prompt_check import Finding, check_prompt, detect_format
-from tokenmill.template import get_template, list_templates
+from tokenmill.formats.prompt_check import Finding, check_prompt, detect_format
+from tokenmill.formats.template import get_template, list_templates
 
 FIXTURES = Path(__file__).parent / "fixtures" / "templates"
 
@@ -260,7 +260,7 @@ def test_finding_reads_as_one_line():
 
 
 def test_works_with_tokenmills_tokenizer(gguf_path):
-    tokenizer_mod = pytest.importorskip("tokenmill.tokenizer")
+    tokenizer_mod = pytest.importorskip("tokenmill.formats.tokenizer")
     import gguf
 
     meta = {k: f.contents() for k, f in gguf.GGUFReader(gguf_path).fields.items()}

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import tokenmill.llm
-from tokenmill import cli
-from tokenmill.baseline import GoldenDiff, compare_golden
-from tokenmill.quality import (chunks_of, default_text_path, describe_diff, golden_outputs, nll_second_half,
+from tokenmill.cli import main as cli
+from tokenmill.monitoring.baseline import GoldenDiff, compare_golden
+from tokenmill.monitoring.quality import (chunks_of, default_text_path, describe_diff, golden_outputs, nll_second_half,
                                tokenize_text)
 
 

@@ -8,8 +8,8 @@ from gguf import quants as gq
 
 from tests.test_quants import random_bytes
 from tokenmill.errors import UnsupportedError
-from tokenmill.quant_linear import BlockLinear, Int4Linear, Q8Linear, block_kernels, has_int4_cpu_kernel, reference
-from tokenmill.quants import QuantizedTensor, int4_groups
+from tokenmill.kernels.cpu.linear import BlockLinear, Int4Linear, Q8Linear, block_kernels, has_int4_cpu_kernel, reference
+from tokenmill.formats.quants import QuantizedTensor, int4_groups
 
 N, K = 48, 512
 

@@ -12,7 +12,7 @@ from gguf import GGUFReader
 from gguf import quants as gq
 
 from tokenmill.errors import ModelLoadError, UnsupportedError
-from tokenmill.quants import SUPPORTED_TYPES, QuantizedTensor, block_size, dequantize
+from tokenmill.formats.quants import SUPPORTED_TYPES, QuantizedTensor, block_size, dequantize
 
 # Byte offsets of the f16 scale fields in each block; random bytes there could be inf/NaN.
 F16_FIELDS = {
@@ -62,7 +62,7 @@ def test_matches_gguf_reference(qtype):
 
 
 def test_chunking_and_dtype(monkeypatch):
-    import tokenmill.quants as q
+    import tokenmill.formats.quants as q
     raw = random_bytes(T.Q6_K, 7, 512, seed=1)
     ref = gq.dequantize(raw, T.Q6_K).reshape(7, 512)
     monkeypatch.setattr(q, "_CHUNK_ELEMS", 3 * 256)  # 3 blocks per chunk: chunks straddle rows, last one short

@@ -5,9 +5,9 @@ from html.parser import HTMLParser
 
 import pytest
 
-from tokenmill.baseline import compare, figure, summarize
-from tokenmill.report import render
-from tokenmill.suites import ladder, recommend
+from tokenmill.monitoring.baseline import compare, figure, summarize
+from tokenmill.monitoring.report import render
+from tokenmill.monitoring.suites import ladder, recommend
 
 pytest.importorskip("matplotlib")
 PNG = b"\x89PNG\r\n\x1a\n"

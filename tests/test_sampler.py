@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from tokenmill.errors import InvalidRequestError
-import tokenmill.sampler as sampler_module
-from tokenmill.sampler import DRY_MAX_MATCH, Sampler, SeqSamplingState, dry_breaker_ids
-from tokenmill.sampling import PRESETS, SamplingParams as P
+import tokenmill.sampling.sampler as sampler_module
+from tokenmill.sampling.sampler import DRY_MAX_MATCH, Sampler, SeqSamplingState, dry_breaker_ids
+from tokenmill.sampling.params import PRESETS, SamplingParams as P
 
 NEG = -np.inf
 
@@ -857,7 +857,7 @@ def test_sort_is_stable_and_matches_torch(descending):
 # ---------------------------------------------------------------- C++ kernels (csrc/sampler.cpp) vs the PyTorch path
 
 def kernel_or_skip():
-    from tokenmill.cpu_extension import unavailable_reason
+    from tokenmill.kernels.cpu.extension import unavailable_reason
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from tokenmill.stops import StopMatcher, find_banned, held_suffix_len
+from tokenmill.engine.stops import StopMatcher, find_banned, held_suffix_len
 
 
 def stream(stops, chunks):

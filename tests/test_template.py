@@ -1,4 +1,4 @@
-"""tokenmill.template against HF transformers' chat-template renderer on the same template strings.
+"""tokenmill.formats.template against HF transformers' chat-template renderer on the same template strings.
 
 Reference: `PreTrainedTokenizerFast.apply_chat_template(..., chat_template=SOURCE, tokenize=False)` (the path HF users
 take), on real templates of several families stored in tests/fixtures/templates/ (sources in its README.md) and on the
@@ -12,7 +12,7 @@ import gguf
 import pytest
 
 from tokenmill.errors import InvalidRequestError
-from tokenmill.template import ChatTemplate, ChatTemplateError, builtin_template, get_template, list_templates
+from tokenmill.formats.template import ChatTemplate, ChatTemplateError, builtin_template, get_template, list_templates
 
 transformers = pytest.importorskip("transformers")
 from transformers.utils import chat_template_utils  # noqa: E402

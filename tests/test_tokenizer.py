@@ -1,4 +1,4 @@
-"""tokenmill.tokenizer against transformers' tokenizers built from the same GGUF / HF files.
+"""tokenmill.formats.tokenizer against transformers' tokenizers built from the same GGUF / HF files.
 
 Where transformers departs from the model's own tokenizer, the reference is named at the test:
 - pre "smollm": transformers ignores it (plain GPT-2 split); SmolLM2's tokenizer.json splits every digit first.
@@ -15,7 +15,7 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import pre_tokenizers
 
 from tokenmill.errors import UnsupportedError
-from tokenmill.tokenizer import _PRE_SPLITS, StreamDecoder, Tokenizer
+from tokenmill.formats.tokenizer import _PRE_SPLITS, StreamDecoder, Tokenizer
 
 transformers = pytest.importorskip("transformers")
 

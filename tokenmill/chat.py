@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import InvalidRequestError
-from .prompt_check import Finding, check_prompt
-from .sampling import SamplingParams
-from .sequence import Completion
+from tokenmill.errors import InvalidRequestError
+from tokenmill.formats.prompt_check import Finding, check_prompt
+from tokenmill.sampling.params import SamplingParams
+from tokenmill.engine.sequence import Completion
 
 
 @dataclass

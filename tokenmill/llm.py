@@ -5,15 +5,15 @@ from typing import Any, Iterator, Sequence as Seq
 
 import torch
 
-from . import cpu_extension
-from .errors import InvalidRequestError
-from .generator import generate_steps
-from .kv_cache import KVCache
-from .loader import LoadedModel, load_model
-from .runner import ModelRunner
-from .sampler import Sampler, SeqSamplingState, dry_breaker_ids
-from .sampling import SamplingParams
-from .sequence import Completion, Sequence
+from tokenmill.kernels.cpu import extension as cpu_extension
+from tokenmill.errors import InvalidRequestError
+from tokenmill.engine.generator import generate_steps
+from tokenmill.engine.contiguous_cache import KVCache
+from tokenmill.model.loader import LoadedModel, load_model
+from tokenmill.engine.model_runner import ModelRunner
+from tokenmill.sampling.sampler import Sampler, SeqSamplingState, dry_breaker_ids
+from tokenmill.sampling.params import SamplingParams
+from tokenmill.engine.sequence import Completion, Sequence
 
 Prompt = str | list[dict[str, Any]]  # plain text, or chat messages [{"role": ..., "content": ...}]
 
@@ -66,7 +66,7 @@ class LLM:
     def template(self):
         """The chat template: `template` given to load(), else the model's own."""
         if self._template is None:
-            from .template import get_template
+            from tokenmill.formats.template import get_template
 
             tok = self.tokenizer
             bos = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else ""
