@@ -2,8 +2,10 @@
 
 Each source is its own small extension (a broken or missing one never takes the others down) and registers its
 operators with `TORCH_LIBRARY_FRAGMENT(tokenmill, m)`, so after `ops("quant_matmul")` they are `torch.ops.tokenmill.<op>`.
-The build needs a C++ compiler, ninja and an AVX-512 (VNNI, BF16) CPU; where any is missing, or `TOKENMILL_NO_EXT=1`,
-`ops()` returns None and callers keep their PyTorch path. Builds are cached under ~/.cache/tokenmill/ext.
+The build needs a C++ compiler, ninja and an AVX-512 (VNNI, BF16) CPU; where any is missing `ops()` returns None and
+callers keep their PyTorch path (a CPU without AVX-512 is expected and quiet; a failed build is warned once). Whether
+to use them at all is the caller's choice, made once at construction (`tokenmill.load(kernels="torch")`). Builds are
+cached under ~/.cache/tokenmill/ext ($TOKENMILL_EXT_DIR).
 """
 
 from __future__ import annotations
@@ -36,9 +38,7 @@ def cpu_flags() -> set[str]:
 
 
 def unavailable_reason() -> str | None:
-    """Why the extension can't be used here, or None."""
-    if os.environ.get("TOKENMILL_NO_EXT") == "1":
-        return "TOKENMILL_NO_EXT=1"
+    """Why the extension can't be used on this CPU, or None."""
     missing = [f for f in NEEDED_CPU_FLAGS if f not in cpu_flags()]
     if missing:
         return f"CPU lacks {', '.join(missing)}"
@@ -47,15 +47,14 @@ def unavailable_reason() -> str | None:
 
 @functools.cache
 def ops(source: str):
-    """`torch.ops.tokenmill` with `csrc/<source>.cpp` built and loaded, or None (the reason warned once)."""
-    reason = unavailable_reason()
-    if reason is None:
-        try:
-            return _build(CSRC / f"{source}.cpp")
-        except Exception as exc:  # a missing compiler/ninja or a build error: keep the PyTorch path
-            reason = f"build failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}"
-    if os.environ.get("TOKENMILL_NO_EXT") != "1":
-        warnings.warn(f"tokenmill C++ CPU kernel {source} not used ({reason}); falling back to PyTorch", stacklevel=2)
+    """`torch.ops.tokenmill` with `csrc/<source>.cpp` built and loaded, or None (a build failure warned once)."""
+    if unavailable_reason() is not None:
+        return None
+    try:
+        return _build(CSRC / f"{source}.cpp")
+    except Exception as exc:  # a missing compiler/ninja or a build error: keep the PyTorch path
+        reason = f"build failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}"
+    warnings.warn(f"tokenmill C++ CPU kernel {source} not used ({reason}); falling back to PyTorch", stacklevel=2)
     return None
 
 

@@ -14,7 +14,6 @@ MKL's fp32 GEMM is faster (measured here: 310 vs 132 GFLOP/s at 512 rows), so a 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -113,14 +112,10 @@ BLOCK_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q8_0})
 STRIP = 16  # output rows per strip: one AVX-512 register of fp32 lanes
 
 
+@functools.cache
 def block_kernels():
     """`torch.ops.tokenmill` with quant_matmul / quant_matmul_int8 (and their fake impls for torch.compile), or None
-    (not built here, or TOKENMILL_NO_EXT=1 at the call: runners made then keep torch's paths)."""
-    return None if os.environ.get("TOKENMILL_NO_EXT") == "1" else _block_kernels()
-
-
-@functools.cache
-def _block_kernels():
+    (not built here: runners keep torch's paths)."""
     kernels = ops("quant_matmul")
     if kernels is not None:
         for name in ("quant_matmul", "quant_matmul_int8"):
