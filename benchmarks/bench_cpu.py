@@ -10,8 +10,8 @@ the spread is half the range. Decode figures time the runner's forward + argmax 
 for every engine: HF runs `model(...)` with its DynamicCache step by step, llama.cpp `Llama.eval` token by token.
 Compilation (`compiled`, `int4`) is run once before timing and reported on its own line.
 
-tokenmill variants (with our C++ kernels, csrc/quant_matmul.cpp, when they build; `torch-` variants without them,
-TOKENMILL_NO_EXT=1):
+tokenmill variants (with our C++ kernels, kernels/cpu/csrc/quant_matmul.cpp, when they build; `torch-` variants
+without them, `tokenmill.load(kernels="torch")`):
   exact     fused q/k/v and gate/up; Q4_1 layers and the Q8_0 lm_head kept as GGUF blocks, multiplied by our AVX-512
             kernel with fp32 activations (weights dequantized in registers) below 32 rows, MKL's fp32 GEMM on the
             dequantized weights from 32 rows (prefill). Exact up to summation order (parity tests hold)
@@ -31,6 +31,7 @@ import time
 import torch
 
 import tokenmill
+from tokenmill.engine.scratch import ScratchCache
 from tokenmill.monitoring.metrics_log import cpu_name
 
 CONTEXT = 2048
@@ -64,21 +65,20 @@ def tokenmill_figures(llm, a) -> dict:
 
     def decode(ctx: int, rows: int, steps: int):
         def run():
-            cache = r.new_cache(rows, ctx + steps + 1)
-            for row in range(rows):
-                cache.tokens[row] = list(ids[:ctx])  # k/v content does not change the speed; lengths do
+            cache = ScratchCache(r, rows, ctx + steps + 1)
+            cache.lengths = [ctx] * rows  # k/v content does not change the speed; lengths do
             toks = [ids[ctx]] * rows
             t = time.perf_counter()
             for _ in range(steps):
-                toks = r.decode(cache, list(range(rows)), toks).argmax(-1).tolist()
+                toks = cache.decode(list(range(rows)), toks).argmax(-1).tolist()
             return rows * steps / (time.perf_counter() - t)
         return run
 
     def prefill(n: int):
         def run():
-            cache = r.new_cache(1, n)
+            cache = ScratchCache(r, 1, n)
             t = time.perf_counter()
-            r.prefill(cache, 0, ids[:n])
+            cache.prefill(0, ids[:n])
             return n / (time.perf_counter() - t)
         return run
 
@@ -169,11 +169,10 @@ def main():
     notes = []
     for v in a.variants:
         torch._dynamo.reset()  # each variant compiles afresh: dynamo's cache is per code object, shared by every model
-        os.environ["TOKENMILL_NO_EXT"] = "1" if v.startswith("torch-") else "0"  # read when the runner is made
         # torch-*: session 2's paths as they were (fp32 KV cache: SDPA would widen a 16-bit cache every step)
         llm = tokenmill.load(threads=a.threads, compile="compiled" in v, int4="int4" in v,
-                             kv_dtype="float32" if v.startswith("torch-") else None)
-        os.environ.pop("TOKENMILL_NO_EXT")
+                             kv_dtype="float32" if v.startswith("torch-") else None,
+                             kernels="torch" if v.startswith("torch-") else "auto")
         if "compiled" in v:
             notes.append(f"{v}: compile/warm-up {llm.runner.warm_up():.1f} s (kept out of the figures)")
             print(notes[-1], flush=True)

@@ -15,6 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 from tokenmill.engine.cuda_graphs import DecodeGraphs
 from tokenmill.monitoring.gpu_shapes import BLOCK, build_model, decode_tps
 from tokenmill.engine.kv_cache import PagedKVCache
+from tokenmill.engine.scratch import ScratchCache
 
 
 def profile_cpu(args):
@@ -23,15 +24,15 @@ def profile_cpu(args):
     llm = tokenmill.load(args.model, threads=args.threads, int4=args.int4, compile=args.compile)
     r, B, steps = llm.runner, args.batch, 10
     r.warm_up()
-    cache = r.new_cache(B, 160)
+    cache = ScratchCache(r, B, 160)
     for row in range(B):
-        r.prefill(cache, row, list(range(100, 228)))
+        cache.prefill(row, list(range(100, 228)))
     with torch.inference_mode():
         for _ in range(3):
-            r.decode(cache, list(range(B)), [5] * B)
+            cache.decode(list(range(B)), [5] * B)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
-                r.decode(cache, list(range(B)), [5] * B)
+                cache.decode(list(range(B)), [5] * B)
     ops = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in ops)
     mm = sum(e.self_cpu_time_total for e in ops if "quant_matmul" in e.key or e.key in ("aten::addmm", "aten::mm"))

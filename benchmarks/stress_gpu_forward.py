@@ -18,15 +18,15 @@ from tests.test_gpu_kernels import SHAPES  # noqa: E402
 from tokenmill.kernels.gpu import matvec as gpu_matvec  # noqa: E402
 from tokenmill.model.config import ModelConfig  # noqa: E402
 from tokenmill.model.gpu import prepare_gpu_model  # noqa: E402
-from tokenmill.engine.contiguous_cache import KVCache  # noqa: E402
+from tokenmill.engine.kv_cache import PagedKVCache  # noqa: E402
 
 QWEN2 = {"qkv": (4608, 3584), "o": (3584, 3584), "down": (3584, 18944), "head": (4096, 3584)}
 
 
 def forward(gpu, ids, T=32):
-    cache = KVCache(gpu.config, 1, len(ids), torch.bfloat16, "cuda")
+    cache = PagedKVCache(gpu.config, -(-len(ids) // 16), 16, torch.bfloat16, "cuda")
     with torch.inference_mode():
-        view = cache.begin([0], [ids[:T]])
+        view = cache.view([0], [T], [list(range(cache.num_blocks))])
         return gpu(torch.tensor([ids[:T]], device="cuda"), view.positions, view)[0].float()
 
 

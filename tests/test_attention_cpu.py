@@ -1,6 +1,6 @@
-"""The CPU decode-attention kernel (csrc/attention.cpp) against softmax(q k^T / sqrt(D)) v written out here, on random
-data laid out as the caches lay it out: block pools read through scattered and shared block tables, and the contiguous
-cache's (rows, KV, capacity, D) tensor; then both caches' views with the kernel against their SDPA path."""
+"""The CPU decode-attention kernel (kernels/cpu/csrc/attention.cpp) against softmax(q k^T / sqrt(D)) v written out here,
+on random data laid out as the paged cache lays it out: block pools read through scattered and shared block tables;
+then the cache's view with the kernel against its SDPA path."""
 import math
 
 import pytest
@@ -8,7 +8,6 @@ import torch
 
 from tokenmill.kernels.cpu import attention as cpu_attention
 from tokenmill.model.config import ModelConfig
-from tokenmill.engine.contiguous_cache import KVCache
 from tokenmill.engine.kv_cache import PagedKVCache
 
 pytestmark = pytest.mark.skipif(not cpu_attention.available(torch.device("cpu"), 64, torch.float32),
@@ -87,20 +86,6 @@ def test_16_bit_pools_are_read_exactly(dtype):
     check(cpu_attention.decode_attention(q, k, v, tables, torch.tensor(lengths), None), q, ks, vs, None)
 
 
-@pytest.mark.parametrize("window", [None, 64])
-def test_contiguous_cache_rows_read_in_place(window):
-    # KVCache's (rows, KV, capacity, D) permuted: one block per row, rows picked out of order, strided q
-    torch.manual_seed(2)
-    rows, KV, cap, D, H = 4, 3, 2100, 64, 9
-    K, V = torch.randn(rows, KV, cap, D), torch.randn(rows, KV, cap, D)
-    pick, lengths = [3, 0, 2], [2048, 1, 700]
-    q = torch.randn(H, 3, D).transpose(0, 1)  # (B, H, D), not contiguous
-    out = cpu_attention.decode_attention(q, K.transpose(1, 2), V.transpose(1, 2), torch.tensor(pick)[:, None],
-                                         torch.tensor(lengths), window)
-    check(out, q, [K[r, :, :n].transpose(0, 1) for r, n in zip(pick, lengths)],
-          [V[r, :, :n].transpose(0, 1) for r, n in zip(pick, lengths)], window)
-
-
 def test_bad_inputs_are_errors():
     q, k = torch.randn(1, 4, 64), torch.randn(4, 16, 2, 64)
     with pytest.raises(RuntimeError, match="keys: needs 1 to 32"):
@@ -115,28 +100,11 @@ CFG = ModelConfig("llama", vocab_size=100, hidden_size=9 * 64, intermediate_size
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("window", [None, 40])
-def test_kv_cache_decode_equals_sdpa_path(window, dtype, monkeypatch):
-    def run():
-        cache = KVCache(CFG, 4, 300, dtype)
-        torch.manual_seed(4)
-        cache.k.normal_(), cache.v.normal_()
-        for r, n in zip(range(4), (100, 7, 250, 50)):
-            cache.tokens[r] = [1] * n
-        view = cache.begin([2, 0, 1], [[5], [5], [5]])  # rows out of order, lengths 251, 101, 8
-        q, k, v = torch.randn(3, 9, 1, 64), torch.randn(3, 3, 1, 64), torch.randn(3, 3, 1, 64)
-        return view.attend(0, q, k, v, window)
-
-    fast = run()
-    monkeypatch.setattr(cpu_attention, "available", lambda *a: False)
-    assert torch.allclose(fast, run(), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("window", [None, 40])
-def test_paged_decodes_beside_a_prefill_chunk_equal_sdpa_path(window, dtype, monkeypatch):
+def test_paged_decodes_beside_a_prefill_chunk_equal_sdpa_path(window, dtype):
     # three decodes (lengths 100, 7, 250) and a 5-token chunk after 30 cached tokens in one packed forward
-    def run():
-        cache = PagedKVCache(CFG, 40, 16, dtype)
+    def run(cpu_kernel):
+        cache = PagedKVCache(CFG, 40, 16, dtype, cpu_kernel=cpu_kernel)
+        assert cache.cpu_kernel == cpu_kernel
         torch.manual_seed(5)
         cache.k.normal_(), cache.v.normal_()
         tables = [[3, 9, 1, 4, 30, 6, 7], [12], [2, 5, 8, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23], [3, 9, 24]]
@@ -144,6 +112,4 @@ def test_paged_decodes_beside_a_prefill_chunk_equal_sdpa_path(window, dtype, mon
         q, k, v = torch.randn(1, 9, 8, 64), torch.randn(1, 3, 8, 64), torch.randn(1, 3, 8, 64)
         return view.attend(0, q, k, v, window)
 
-    fast = run()
-    monkeypatch.setattr(cpu_attention, "available", lambda *a: False)
-    assert torch.allclose(fast, run(), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(run(True), run(False), rtol=1e-5, atol=1e-5)

@@ -3,7 +3,8 @@
 from types import SimpleNamespace
 
 from tokenmill.engine.block_manager import BlockManager, block_keys
-from tokenmill.engine.scheduler import Request, Scheduler
+from tokenmill.engine.request import Request
+from tokenmill.engine.scheduler import Scheduler
 
 BS = 4
 
@@ -142,7 +143,7 @@ def run_step(s: Scheduler) -> dict[str, int]:
         if r.num_computed == r.num_tokens:
             r.seq.output_ids.append(1)
             if len(r.seq.output_ids) >= r.seq.max_new_tokens:
-                s.finish(r)
+                s.remove(r)
     return {r.id: n for r, n in batch.items}
 
 

@@ -207,6 +207,12 @@ def common_prefix(a, b):
     return n
 
 
+def whole_blocks(llm, n: int) -> int:
+    """Tokens of n that the engine's prefix cache can hold: whole KV blocks only."""
+    bs = llm.engine.blocks.block_size
+    return n // bs * bs
+
+
 def test_prefix_reuse_matches_recompute(llm):
     params = SamplingParams(temperature=0.0, max_new_tokens=32)
     s = ChatSession(llm, params, system="You are a helpful assistant.")
@@ -215,8 +221,8 @@ def test_prefix_reuse_matches_recompute(llm):
     # the cache after turn 1: prompt and reply tokens but the last sampled one (never fed), unless that was the EOS
     c1, c2 = r1.completion, r2.completion
     held = r1.turn.ids + (c1.token_ids if c1.finish_reason in ("eos", "stop") else c1.token_ids[:-1])
-    assert c2.cached_tokens >= len(r1.turn.ids)
-    assert c2.cached_tokens == min(common_prefix(held, r2.turn.ids), len(r2.turn.ids) - 1)
+    assert c2.cached_tokens >= whole_blocks(llm, len(r1.turn.ids))
+    assert c2.cached_tokens == whole_blocks(llm, min(common_prefix(held, r2.turn.ids), len(r2.turn.ids) - 1))
     assert c2.prompt_tokens == len(r2.turn.ids) == len(llm.encode(r2.turn.messages))
     llm.reset_cache()
     scratch = llm.generate(r2.turn.messages, params)
@@ -233,7 +239,8 @@ def test_trimming_keeps_system_and_falls_back_to_a_correct_recompute(llm):
     assert trimmed.turn.prompt.startswith("<|im_start|>system\nYou answer in one sentence.<|im_end|>")
     assert len(trimmed.turn.ids) + 16 <= 120
     # the prefix changed after the system prompt: only the common part is reused
-    assert trimmed.completion.cached_tokens == common_prefix(before.turn.ids, trimmed.turn.ids) < len(before.turn.ids)
+    common = common_prefix(before.turn.ids, trimmed.turn.ids)
+    assert trimmed.completion.cached_tokens == whole_blocks(llm, common) and common < len(before.turn.ids)
     llm.reset_cache()
     assert llm.generate(trimmed.turn.messages, params).text == trimmed.text
 
@@ -256,7 +263,8 @@ def test_undo_retry_reset(llm):
     a = drain(s.send("Say hello.")).text
     b = drain(s.send("Say goodbye.")).text
     again = drain(s.retry())
-    assert again.text == b and again.completion.cached_tokens == again.completion.prompt_tokens - 1
+    assert again.text == b
+    assert again.completion.cached_tokens == whole_blocks(llm, again.completion.prompt_tokens - 1)
     assert [m["content"] for m in s.history] == ["Say hello.", a, "Say goodbye.", b]
     assert s.undo()["content"] == "Say goodbye." and [m["content"] for m in s.history] == ["Say hello.", a]
     s.reset()

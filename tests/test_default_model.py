@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from tokenmill import SamplingParams
+from tokenmill.engine.scratch import ScratchCache
 
 # (chat?, text): chat-templated and raw; English, code and Chinese
 PROMPTS = [
@@ -32,9 +33,8 @@ EIFFEL = ("The tower is 324 metres (1,063 ft) tall, about the same height as an 
 
 def prompt_and_decode_logits(llm, ids: list[int], n_prompt: int = 64) -> torch.Tensor:
     # (T, V): the first n_prompt positions scored as a prompt, the rest one cached decode step each
-    cache = llm.runner.new_cache(1, len(ids))
-    return torch.cat([llm.runner.score(cache, 0, ids[:n_prompt])]
-                     + [llm.runner.decode(cache, [0], [t]) for t in ids[n_prompt:]])
+    cache = ScratchCache(llm.runner, 1, len(ids))
+    return torch.cat([cache.score(0, ids[:n_prompt])] + [cache.decode([0], [t]) for t in ids[n_prompt:]])
 
 
 @pytest.fixture(params=["eager", "compiled"])
@@ -131,7 +131,7 @@ def test_float16_kv_cache_keeps_logits_and_greedy_tokens(gguf_path, hf_model, hf
     import tokenmill
 
     llm = tokenmill.load(str(gguf_path), kv_dtype="float16")
-    assert llm.runner.new_cache(1, 4).dtype == torch.float16
+    assert ScratchCache(llm.runner, 1, 4).cache.dtype == torch.float16
     ids = hf_tokenizer.encode(EIFFEL, add_special_tokens=False)[:96]
     with torch.no_grad():
         expected = hf_model(torch.tensor([ids])).logits[0]

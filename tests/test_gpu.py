@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tokenmill.model.config import ModelConfig
-from tokenmill.engine.contiguous_cache import KVCache
+from tokenmill.engine.kv_cache import PagedKVCache
+from tokenmill.engine.scratch import ScratchCache
 from tokenmill.model.transformer import Transformer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -40,13 +41,14 @@ def run(model, ids, dtype, device, n_prompt):
 
 def cached_logits(model, ids, n_prompt, dtype, device):
     """(T, V) fp32 on the CPU: ids[:n_prompt] as one prompt, then one cached decode step per remaining id."""
-    cache = KVCache(model.config, 1, len(ids), dtype, device)
+    cache = PagedKVCache(model.config, -(-len(ids) // 16), 16, dtype, device)
+    table = list(range(cache.num_blocks))
     outs = []
     with torch.inference_mode():
-        view = cache.begin([0], [ids[:n_prompt]])
+        view = cache.view([0], [n_prompt], [table])
         outs.append(model(torch.tensor([ids[:n_prompt]], device=device), view.positions, view)[0])
-        for t in ids[n_prompt:]:
-            view = cache.begin([0], [[t]])
+        for p, t in enumerate(ids[n_prompt:], start=n_prompt):
+            view = cache.view([p], [1], [table])
             outs.append(model(torch.tensor([[t]], device=device), view.positions, view)[0])
     return torch.cat(outs).float().cpu()
 
@@ -107,17 +109,18 @@ def test_runner_fp32_matches_cpu_fp32(shape):
     assert runner.dtype == torch.float32
     assert runner.quantized_layers == 4 * cfg.num_layers + (not cfg.tie_word_embeddings)
 
-    cache = runner.new_cache(2, len(ids))
-    got = torch.cat([runner.score(cache, 0, ids[:80])] + [runner.decode(cache, [0], [t]) for t in ids[80:]]).cpu()
-    short = runner.score(cache, 1, ids[:20]).cpu()  # 20 rows: the tensor-core kernels
+    cache = ScratchCache(runner, 2, len(ids))
+    got = torch.cat([cache.score(0, ids[:80])] + [cache.decode([0], [t]) for t in ids[80:]]).cpu()
+    short = cache.score(1, ids[:20]).cpu()  # 20 rows: the tensor-core kernels
+    assert runner.graphs(cache.cache).graphs  # the decode steps replayed a CUDA graph
     errors = [(got - ref).abs().max().item(), (short - ref[:20]).abs().max().item()]
 
-    paged = runner.new_paged_cache(8, 16)
+    paged = runner.new_kv_cache(8, 16)
     table = list(range(1, 8))  # 112 slots
-    rows = [runner.forward_packed(paged, [ids[:60]], [0], [table], [0]).cpu(),  # nothing cached: SDPA
-            runner.forward_packed(paged, [ids[60:80]], [60], [table], [0]).cpu()]  # after 60 cached tokens
+    rows = [runner.forward(paged, [ids[:60]], [0], [table], [0]).cpu(),  # nothing cached: SDPA
+            runner.forward(paged, [ids[60:80]], [60], [table], [0]).cpu()]  # after 60 cached tokens
     for p, t in enumerate(ids[80:], start=80):
-        rows.append(runner.forward_packed(paged, [[t]], [p], [table], [0]).cpu())
-    assert runner.graphs.graphs  # the decode steps replayed a CUDA graph
+        rows.append(runner.forward(paged, [[t]], [p], [table], [0]).cpu())
+    assert runner.graphs(paged).graphs  # the decode steps replayed a CUDA graph
     errors.append((torch.cat(rows) - ref[[59] + list(range(79, 100))]).abs().max().item())
-    assert max(errors) <= tol, f"contiguous / 20-row / paged max errors {errors}, tolerance {tol:.2e}"
+    assert max(errors) <= tol, f"one-pass / 20-row / chunked max errors {errors}, tolerance {tol:.2e}"

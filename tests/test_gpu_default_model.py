@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 pytest.importorskip("triton")
 
 import tokenmill  # noqa: E402
-from tokenmill.engine.contiguous_cache import KVCache  # noqa: E402
+from tokenmill.engine.kv_cache import PagedKVCache  # noqa: E402
 from tokenmill.model.loader import load_model  # noqa: E402
 
 PROMPTS = [(True, "What is the capital of France?"), (True, "Write a Python function that reverses a string."),
@@ -39,15 +39,16 @@ def path() -> Path:
 
 def greedy(model, ids: list[int], device) -> tuple[list[int], list[torch.Tensor]]:
     """STEPS greedy tokens after the prompt, and the logits (V,) fp32 each was chosen from."""
-    cache = KVCache(model.config, 1, len(ids) + STEPS, next(model.parameters()).dtype, device)
+    cache = PagedKVCache(model.config, -(-(len(ids) + STEPS) // 16), 16, next(model.parameters()).dtype, device)
+    table = list(range(cache.num_blocks))
     out, rows = [], []
     with torch.inference_mode():
-        view = cache.begin([0], [ids])
+        view = cache.view([0], [len(ids)], [table])
         logits = model(torch.tensor([ids], device=device), view.positions, view)[0, -1]
-        for _ in range(STEPS):
+        for p in range(len(ids), len(ids) + STEPS):
             rows.append(logits.float().cpu())
             out.append(int(logits.argmax()))
-            view = cache.begin([0], [[out[-1]]])
+            view = cache.view([p], [1], [table])
             logits = model(torch.tensor([[out[-1]]], device=device), view.positions, view)[0, -1]
     return out, rows
 

@@ -1,6 +1,6 @@
 """The engine end to end on the GPU (`pytest -m gpu`): a random-weight llama-shaped HF folder (written here, nothing to
-download) generates the same greedy tokens on the CPU (fp32, the single-prompt path) and on the GPU (bf16, continuous
-batching with CUDA-graph decode and Triton paged attention), up to near-ties, and runs through `tokenmill batch`.
+download) generates the same greedy tokens on the CPU (fp32) and on the GPU (bf16, CUDA-graph decode and Triton paged
+attention), one prompt at a time and all at once, up to near-ties, and runs through `tokenmill batch`.
 A random model's logits are flat, so bf16 meets near-ties more often than a trained model does: where a prompt's
 tokens part, the CPU's own logits must show a near-tie there."""
 import json
@@ -56,8 +56,7 @@ def first_divergence(cpu, prompt: str, want: list[int], got: list[int]) -> float
     if i is None:
         return None
     ids = cpu.encode(prompt)
-    cache = cpu.runner.new_cache(1, len(ids) + len(want))
-    row = cpu.runner.score(cache, 0, ids + want[:i])[-1]
+    row = cpu.logits(ids + want[:i])[-1]
     return ((row[want[i]] - row[got[i]]) / (row.max() - row.min())).item()
 
 
@@ -67,10 +66,11 @@ def test_engine_on_gpu_gives_the_cpu_greedy_tokens(folder):
     want = [cpu.generate(p, params).token_ids for p in PROMPTS]
     gpu = tokenmill.load(str(folder), device="cuda")
     assert gpu.runner.dtype == torch.bfloat16
-    single = [gpu.generate(p, params).token_ids for p in PROMPTS]  # contiguous cache, eager
+    single = [gpu.generate(p, params).token_ids for p in PROMPTS]  # one at a time, the LLM's own engine
+    assert gpu.runner.graphs(gpu.engine.cache).graphs  # generate's decode steps replayed a CUDA graph
     engine = LLMEngine(gpu, kv_cache_memory="64MiB")
-    batched = [c.token_ids for c in engine.generate(PROMPTS, params)]  # paged cache, graphs for decode steps
-    assert gpu.runner.graphs is not None and gpu.runner.graphs.graphs  # decode steps replayed a graph
+    batched = [c.token_ids for c in engine.generate(PROMPTS, params)]  # all at once, continuous batching
+    assert gpu.runner.graphs(engine.cache).graphs
     for name, runs in (("single", single), ("engine", batched)):
         gaps = [first_divergence(cpu, p, w, g) for p, w, g in zip(PROMPTS, want, runs)]
         print(name, "first-divergence gaps:", gaps)

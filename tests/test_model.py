@@ -7,6 +7,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import tokenmill  # noqa: E402
+from tokenmill.engine.scratch import ScratchCache  # noqa: E402
 
 PROMPT, DECODE = 64, 32
 
@@ -58,10 +59,9 @@ def test_logits_match_transformers_prompt_and_cached_decode(tiny_checkpoints, ar
     ids = torch.randint(3, ref.config.vocab_size, (PROMPT + DECODE,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = ref(ids[None]).logits[0]
-    runner = llm.runner
-    cache = runner.new_cache(1, 8)  # too small on purpose: the cache grows as tokens arrive
-    got = [runner.score(cache, 0, ids[:PROMPT].tolist())]
-    got += [runner.decode(cache, [0], [t]) for t in ids[PROMPT:].tolist()]
+    cache = ScratchCache(llm.runner, 1, PROMPT + DECODE)
+    got = [cache.score(0, ids[:PROMPT].tolist())]
+    got += [cache.decode([0], [t]) for t in ids[PROMPT:].tolist()]
     got = torch.cat(got)
     scale = (expected.max() - expected.min()).item()
     diff = (got - expected).abs().max().item()
@@ -77,26 +77,24 @@ def test_sharded_checkpoint_and_eos_list(tiny_checkpoints):
     assert {0, 2} <= set(llm.tokenizer.eos_ids)  # every id of generation_config's eos list stops generation
 
 
-def test_kv_cache_reset_truncate_and_prefix_reuse(tiny_checkpoints):
+def test_kv_cache_reset_truncate_and_rows_of_other_lengths(tiny_checkpoints):
     folder, ref = tiny_checkpoints["mistral"]  # sliding window: truncation must also keep the window right
     runner = tokenmill.load(str(folder)).runner
     ids = torch.randint(3, ref.config.vocab_size, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     other = torch.randint(3, ref.config.vocab_size, (10,), generator=torch.Generator().manual_seed(4)).tolist()
     with torch.no_grad():
         expected = ref(torch.tensor([ids])).logits[0]
-    cache = runner.new_cache(2, 64)
-    runner.score(cache, 0, ids[:30] + other)  # cache a wrong continuation...
+    cache = ScratchCache(runner, 2, 64)
+    cache.score(0, ids[:30] + other)  # cache a wrong continuation...
     cache.truncate(0, 30)  # ...cut it off, and continue with the right tokens
-    got = runner.score(cache, 0, ids[30:])
+    got = cache.score(0, ids[30:])
     assert torch.allclose(got, expected[30:], atol=1e-4)
-    assert cache.reuse_prefix(0, ids[:25] + other) == 25 and cache.length(0) == 25
-    assert cache.reuse_prefix(0, ids[:25]) == 24  # a fully cached prompt still recomputes its last token
-    cache.reset(0)
+    cache.reset()
     assert cache.length(0) == 0
-    assert torch.allclose(runner.score(cache, 0, ids), expected, atol=1e-4)
+    assert torch.allclose(cache.score(0, ids), expected, atol=1e-4)
     # a second row with a different length decodes alongside without disturbing the first
-    runner.score(cache, 1, other)
-    both = runner.decode(cache, [0, 1], [ids[0], other[0]])
+    cache.score(1, other)
+    both = cache.decode([0, 1], [ids[0], other[0]])
     with torch.no_grad():
         ref_both = [ref(torch.tensor([ids + ids[:1]])).logits[0, -1], ref(torch.tensor([other + other[:1]])).logits[0, -1]]
     assert torch.allclose(both, torch.stack(ref_both), atol=1e-4)

@@ -1,62 +1,75 @@
-"""The public entry point: `tokenmill.load(...)` returns an `LLM` that generates, streams and applies chat templates."""
+"""The public entry point: `tokenmill.load(...)` returns an `LLM` that generates, streams and applies chat templates.
+
+An LLM is a model runner, a request factory and one `LLMEngine` of its own: `generate` and `stream` submit requests to
+that engine and step it until theirs are done, so a single prompt, a list of prompts and a chat turn take the same path
+as `tokenmill batch` (continuous batching, the paged KV cache and its prefix cache: a prompt that starts like an
+earlier one reuses the cached blocks of that prefix).
+"""
 from __future__ import annotations
 
+import os
+from collections import deque
 from typing import Any, Iterator, Sequence as Seq
 
 import torch
 
-from tokenmill.kernels.cpu import extension as cpu_extension
-from tokenmill.errors import InvalidRequestError
-from tokenmill.engine.generator import generate_steps
-from tokenmill.engine.contiguous_cache import KVCache
-from tokenmill.model.loader import LoadedModel, load_model
+from tokenmill.engine.llm_engine import LLMEngine, RequestOutput
 from tokenmill.engine.model_runner import ModelRunner
-from tokenmill.sampling.sampler import Sampler, SeqSamplingState, dry_breaker_ids
+from tokenmill.engine.request import Prompt, RequestFactory
+from tokenmill.engine.sequence import Completion
+from tokenmill.errors import InvalidRequestError, TokenmillError
+from tokenmill.model.loader import LoadedModel, load_model
 from tokenmill.sampling.params import SamplingParams
-from tokenmill.engine.sequence import Completion, Sequence
-
-Prompt = str | list[dict[str, Any]]  # plain text, or chat messages [{"role": ..., "content": ...}]
 
 
 class TextStream:
-    """Iterates over the text pieces of one generation; `.completion` holds the result once it is exhausted."""
+    """Iterates over the text pieces of one generation; `.completion` holds the result once it is exhausted or
+    closed (a generation stopped early ends with finish reason "aborted" and the text so far)."""
 
-    def __init__(self, steps: Iterator[tuple[int, str]], seq: Sequence, cache: KVCache):
-        self._steps, self._seq, self._cache = steps, seq, cache
+    def __init__(self, llm: LLM, request_id: str):
+        self._llm, self._id = llm, request_id
         self.completion: Completion | None = None
 
     def __iter__(self) -> Iterator[str]:
-        good = None  # cached tokens whose k/v a finished step wrote
         try:
-            for _, text in self._steps:
-                good = self._cache.length(self._seq.row)
-                if text:
-                    yield text
+            while self.completion is None:
+                out = self._llm._next_output(self._id)
+                if out.finished:
+                    self.completion = out.completion
+                if out.text:
+                    yield out.text
         finally:
-            self._steps.close()
-            # an exception (Ctrl-C) inside a forward leaves its tokens recorded with partial k/v: drop them
-            row = self._seq.row
-            keep = self._seq.cached_tokens if good is None else good
-            self._cache.truncate(row, min(keep, self._cache.length(row)))
-            self.completion = self._seq.completion()
+            if self.completion is None:  # closed early (break, Ctrl-C): stop the request, keep what it made
+                self.completion = self._llm._cancel(self._id)
+        if self.completion.finish_reason == "error":
+            raise TokenmillError(f"generation failed: {self.completion.error}")
 
 
 class LLM:
+    """A loaded model ready to generate. Args: see `tokenmill.load`."""
+
     def __init__(self, loaded: LoadedModel, *, threads: int | None = None, template: str | None = None,
-                 int4: bool = False, compile: bool = False, kv_dtype: torch.dtype | None = None):
+                 int4: bool = False, compile: bool = False, kv_dtype: torch.dtype | None = None,
+                 kernels: str = "auto", pdl: bool = True, kv_cache_memory: int | str | None = None,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int | None = None):
         self.loaded = loaded
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
-        self.runner = ModelRunner(loaded, threads=threads, int4=int4, compile=compile, kv_dtype=kv_dtype)
-        self.sampler = Sampler(self.config.vocab_size)
-        if self.runner.device.type == "cpu":  # build our C++ kernels at load (once per machine), not inside a request
-            for source in ("attention", "sampler"):
-                cpu_extension.ops(source)
-        self._template_name = template
-        self._template = None
-        self._cache: KVCache | None = None
-        self._pieces: list[str] | None = None  # each token's text, for DRY's sequence breakers
-        self._breakers: dict[tuple[str, ...], frozenset[int]] = {}
+        self.runner = ModelRunner(loaded, threads=threads, int4=int4, compile=compile, kv_dtype=kv_dtype,
+                                  kernels=kernels, pdl=pdl)
+        self.requests = RequestFactory(self.tokenizer, self.config.vocab_size, self.runner.device, template)
+        self._engine_args = dict(kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
+                                 max_num_batched_tokens=max_num_batched_tokens or max(self.runner.prefill_chunk,
+                                                                                      max_num_seqs))
+        self._engine: LLMEngine | None = None
+        self._outputs: dict[str, deque[RequestOutput]] = {}  # this LLM's requests in flight -> outputs not yet read
+
+    @property
+    def engine(self) -> LLMEngine:
+        """The engine `generate` and `stream` run on (made on first use: its KV cache takes memory)."""
+        if self._engine is None:
+            self._engine = LLMEngine(self, **self._engine_args)
+        return self._engine
 
     @property
     def context_length(self) -> int:
@@ -65,111 +78,97 @@ class LLM:
     @property
     def template(self):
         """The chat template: `template` given to load(), else the model's own."""
-        if self._template is None:
-            from tokenmill.formats.template import get_template
-
-            tok = self.tokenizer
-            bos = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else ""
-            eos = tok.id_to_token(min(tok.eos_ids)) if tok.eos_ids else ""
-            self._template = get_template(self._template_name, tok.chat_template, bos, eos)
-        return self._template
+        return self.requests.template
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kw) -> str:
-        return self.template.render(messages, add_generation_prompt=add_generation_prompt, **kw)
+        return self.requests.apply_chat_template(messages, add_generation_prompt, **kw)
 
     def encode(self, prompt: Prompt, *, chat: bool = False) -> list[int]:
-        """Token ids for a prompt. `chat` (or a message list) renders the chat template first."""
-        if isinstance(prompt, list):
-            text, special = self.apply_chat_template(prompt), self.template.encode_special
-        elif chat:
-            text, special = self.apply_chat_template([{"role": "user", "content": prompt}]), self.template.encode_special
-        else:
-            text, special = prompt, True
-        if not isinstance(text, str) or not text:
-            raise InvalidRequestError("prompt is empty; give at least one character of text")
-        # a rendered template already carries its BOS when the model wants one
-        add_bos = False if (chat or isinstance(prompt, list)) else None
-        ids = self.tokenizer.encode(text, special=special, add_bos=add_bos)
-        if not ids:
-            raise InvalidRequestError("prompt encodes to no tokens; give at least one character of text")
-        return ids
+        """Token ids for a prompt: text, chat messages or token ids. `chat` renders text as a user turn first."""
+        return self.requests.encode(prompt, chat=chat)
 
-    def _params(self, sampling: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
-        if not overrides:
-            return sampling or SamplingParams()
-        return SamplingParams.from_dict({**(sampling or SamplingParams()).to_dict(), **overrides})
-
-    def _dry_breakers(self, params: SamplingParams) -> frozenset[int]:
-        if params.dry_multiplier == 0:
-            return frozenset()
-        key = tuple(params.dry_sequence_breakers)
-        if key not in self._breakers:
-            if self._pieces is None:
-                self._pieces = [self.tokenizer.decode([i]) for i in range(self.config.vocab_size)]
-            self._breakers[key] = dry_breaker_ids(key, self._pieces)
-        return self._breakers[key]
-
-    def _sequences(self, prompts: Seq[Prompt], params: list[SamplingParams], chat: bool) -> list[Sequence]:
-        seqs = []
-        for row, (prompt, params) in enumerate(zip(prompts, params, strict=True)):
-            ids = self.encode(prompt, chat=chat)
-            room = self.context_length - len(ids)
-            if room <= 0:
-                raise InvalidRequestError(
-                    f"prompt {row} has {len(ids)} tokens; the model's context is {self.context_length} tokens"
-                )
-            state = SeqSamplingState.new(params, ids, self.runner.device, self.tokenizer.eos_ids, self._dry_breakers(params))
-            seqs.append(Sequence(ids, params, state, self.tokenizer, row=row, max_new_tokens=min(params.max_new_tokens, room)))
-        # one cache, kept between calls: a prompt that starts like the previous one in its row reuses that prefix
-        need = max(len(s.prompt_ids) + s.max_new_tokens for s in seqs)
-        if self._cache is None:
-            self._cache = self.runner.new_cache(len(seqs), need)
-        self._cache.ensure(len(seqs), need)
-        return seqs
-
-    def stream(self, prompt: Prompt, sampling: SamplingParams | None = None, *, chat: bool = False, **overrides) -> TextStream:
+    def stream(self, prompt: Prompt, sampling: SamplingParams | None = None, *, chat: bool = False,
+               **overrides) -> TextStream:
         """Generate for one prompt, yielding text as it becomes final. Keyword overrides are SamplingParams fields."""
-        seqs = self._sequences([prompt], [self._params(sampling, overrides)], chat)
-        return TextStream(generate_steps(self.runner, self.sampler, self._cache, seqs), seqs[0], self._cache)
+        return TextStream(self, self._submit([prompt], [_params(sampling, overrides)], chat)[0])
 
-    def generate(
-        self,
-        prompts: Prompt | Seq[Prompt],
-        sampling: SamplingParams | Seq[SamplingParams] | None = None,
-        *,
-        chat: bool = False,
-        **overrides,
-    ) -> Completion | list[Completion]:
-        """Generate for one prompt (-> Completion) or a list of prompts run as one batch (-> list of Completion).
-        `sampling` is one SamplingParams for all prompts or one per prompt; keyword overrides apply to all."""
-        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
+    def generate(self, prompts: Prompt | Seq[Prompt], sampling: SamplingParams | Seq[SamplingParams] | None = None, *,
+                 chat: bool = False, **overrides) -> Completion | list[Completion]:
+        """Generate for one prompt (-> Completion) or a list of prompts run together (-> list of Completion, in
+        order). `sampling` is one SamplingParams for all prompts or one per prompt; keyword overrides apply to all."""
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and bool(prompts)
+                                              and not isinstance(prompts[0], (str, list)))
         batch = [prompts] if single else list(prompts)
         if not batch:
             raise InvalidRequestError("no prompts given; pass a string or a non-empty list of strings")
-        per_prompt = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(batch)
-        if len(per_prompt) != len(batch):
-            raise InvalidRequestError(f"got {len(per_prompt)} SamplingParams for {len(batch)} prompts; give one or one per prompt")
-        seqs = self._sequences(batch, [self._params(p, overrides) for p in per_prompt], chat)
-        for _ in generate_steps(self.runner, self.sampler, self._cache, seqs):
-            pass
-        out = [s.completion() for s in seqs]
+        per = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(batch)
+        if len(per) != len(batch):
+            raise InvalidRequestError(f"got {len(per)} SamplingParams for {len(batch)} prompts; give one or one per "
+                                      "prompt")
+        streams = [TextStream(self, rid) for rid in self._submit(batch, [_params(p, overrides) for p in per], chat)]
+        try:
+            for s in streams:
+                for _ in s:
+                    pass
+        finally:
+            for s in streams:
+                if s.completion is None:
+                    s.completion = self._cancel(s._id)
+        out = [s.completion for s in streams]
         return out[0] if single else out
 
     def reset_cache(self):
         """Forget every cached prefix (the next prompt is computed from scratch)."""
-        if self._cache is not None:
-            self._cache.reset()
+        if self._engine is not None:
+            self._engine.reset_prefix_cache()
 
     @torch.inference_mode()
     def logits(self, ids: list[int]) -> torch.Tensor:
         """Logits (T, V) fp32 at every position of `ids`, computed from scratch."""
-        cache = self.runner.new_cache(1, len(ids))
-        return self.runner.score(cache, 0, ids)
+        return self.runner.score(ids)
+
+    # -- this LLM's requests on its engine --
+    def _submit(self, prompts: list[Prompt], params: list[SamplingParams], chat: bool) -> list[str]:
+        ids = self.engine.submit(prompts, params, chat=chat)
+        for rid in ids:
+            self._outputs[rid] = deque()
+        return ids
+
+    def _next_output(self, rid: str) -> RequestOutput:
+        """The request's next output, stepping the engine until there is one (outputs of this LLM's other requests
+        are kept for their streams)."""
+        queue = self._outputs[rid]
+        while not queue:
+            for out in self.engine.step():
+                if out.request_id in self._outputs:
+                    self._outputs[out.request_id].append(out)
+        out = queue.popleft()
+        if out.finished:
+            del self._outputs[rid]
+        return out
+
+    def _cancel(self, rid: str) -> Completion:
+        """Abort a request and return its Completion (finish reason "aborted", unless it had just finished)."""
+        if rid not in self._outputs:
+            raise KeyError(rid)
+        self.engine.abort(rid)
+        while True:
+            out = self._next_output(rid)
+            if out.finished:
+                return out.completion
+
+
+def _params(sampling: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
+    if not overrides:
+        return sampling or SamplingParams()
+    return SamplingParams.from_dict({**(sampling or SamplingParams()).to_dict(), **overrides})
 
 
 def load(model: str | None = None, *, device: str = "cpu", dtype: torch.dtype | str | None = None,
          threads: int | None = None, template: str | None = None, int4: bool = False, compile: bool = False,
-         kv_dtype: torch.dtype | str | None = None) -> LLM:
+         kv_dtype: torch.dtype | str | None = None, kernels: str | None = None, pdl: bool | None = None,
+         kv_cache_memory: int | str | None = None, max_num_seqs: int = 64,
+         max_num_batched_tokens: int | None = None) -> LLM:
     """Load a model: a .gguf file, a Hugging Face folder, or an alias (`smollm2`, the default).
 
     Args:
@@ -184,7 +183,15 @@ def load(model: str | None = None, *, device: str = "cpu", dtype: torch.dtype | 
             block kernels landed. The first steps compile (seconds, then cached on disk).
         kv_dtype: KV cache storage on the CPU: "float32" (default; exact), "float16" (default with `int4`: half the
             bytes decode attention reads) or "bfloat16".
+        kernels: "auto" (default: our C++ CPU kernels where this CPU and compiler can build them) or "torch" (the
+            PyTorch reference paths). Default from $TOKENMILL_KERNELS when set.
+        pdl: CUDA decode kernels launch with programmatic dependent launch on Hopper and later (default True;
+            $TOKENMILL_PDL=0 sets the default to False).
+        kv_cache_memory, max_num_seqs, max_num_batched_tokens: the engine of `generate` / `stream` (see LLMEngine;
+            default token budget a step: 2048 on the CPU, 8192 on CUDA).
     """
+    kernels = kernels or os.environ.get("TOKENMILL_KERNELS", "auto")
+    pdl = os.environ.get("TOKENMILL_PDL", "1") != "0" if pdl is None else pdl
     if isinstance(kv_dtype, str):
         kv_dtype = parse_kv_dtype(kv_dtype)
     if kv_dtype is not None and device != "cpu":
@@ -192,7 +199,8 @@ def load(model: str | None = None, *, device: str = "cpu", dtype: torch.dtype | 
                                   f"got device={device!r}")
     dtype = compute_dtype(dtype, device)  # checked before anything touches the device
     return LLM(load_model(model, dtype=dtype, device=device), threads=threads, template=template, int4=int4,
-               compile=compile, kv_dtype=kv_dtype)
+               compile=compile, kv_dtype=kv_dtype, kernels=kernels, pdl=pdl, kv_cache_memory=kv_cache_memory,
+               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # dtype and kv_dtype by name

@@ -98,7 +98,8 @@ def load_llm(args):
 
     return load(args.model, device=args.device or "cpu", threads=args.threads,
                 template=getattr(args, "template", None), int4=args.int4, compile=getattr(args, "compile", False),
-                kv_dtype=getattr(args, "kv_dtype", None), dtype=getattr(args, "dtype", None))
+                kv_dtype=getattr(args, "kv_dtype", None), dtype=getattr(args, "dtype", None),
+                kernels=getattr(args, "kernels", None), pdl=False if getattr(args, "no_pdl", False) else None)
 
 
 def add_load_flags(sp):
@@ -116,3 +117,7 @@ def add_load_flags(sp):
                     "(exact; the first run compiles, cached on disk afterwards)")
     sp.add_argument("--kv-dtype", choices=("float32", "float16", "bfloat16"), help="KV cache storage on the CPU "
                     "(default: float32, exact; float16 with --int4)")
+    sp.add_argument("--kernels", choices=("auto", "torch"), help="auto: our C++ CPU kernels where this machine builds "
+                    "them (default); torch: PyTorch everywhere (the reference paths)")
+    sp.add_argument("--no-pdl", action="store_true", help="cuda: launch decode kernels without programmatic dependent "
+                    "launch")

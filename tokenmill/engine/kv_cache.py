@@ -6,14 +6,17 @@ single row (input_ids and positions (1, N)); `PagedKVView.attend` writes their k
 sequences with one new token (decodes, placed first in the pack) together as one padded batch, each longer chunk
 (prefill) on its own with a causal mask offset by its cached length. Decodes sorted by length attend in a few groups
 of similar length, so short ones are not padded to the longest. Plain PyTorch gather + SDPA, any device; on CUDA the
-k/v store and all decodes are Triton kernels reading through the block tables (gpu_attention.py), on the CPU all
-decodes are one call of the C++ kernel that reads the blocks in place (cpu_attention.py).
+k/v store and all decodes are Triton kernels reading through the block tables (kernels/gpu/attention.py), on the CPU
+all decodes are one call of the C++ kernel that reads the blocks in place (kernels/cpu/attention.py) unless the cache
+was built with `cpu_kernel=False` (the PyTorch path, the kernel's reference).
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -48,21 +51,25 @@ def available_memory(device: torch.device) -> int:
 
 
 def default_kv_memory(device: torch.device) -> int:
-    """Half the free accelerator memory; on CPU a quarter of available RAM, at most 1 GiB (zero-filling the pool costs
-    about a second per GiB, and 1 GiB holds ~23k tokens of a 135M model: raise it for big models or long prompts)."""
+    """Half the free accelerator memory; on CPU a quarter of available RAM, at most 1 GiB (~23k tokens of a 135M
+    model at fp32: raise it for big models or long prompts). RAM is only taken as blocks are first written."""
     free = available_memory(device)
     return free // 2 if device.type == "cuda" else min(free // 4, 2**30)
 
 
 class PagedKVCache:
+    """The block pools of every layer. cpu_kernel: CPU decodes through the C++ kernel where it built (else SDPA over
+    gathered blocks); pdl: CUDA decode kernels launch with programmatic dependent launch (Hopper and later)."""
+
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", *, cpu_kernel: bool = True, pdl: bool = False):
         self.cfg, self.num_blocks, self.block_size = cfg, num_blocks, block_size
         self.dtype, self.device = dtype, torch.device(device)
+        self.cpu_kernel = cpu_kernel and cpu_attention.available(self.device, cfg.head_dim, dtype)
+        self.pdl = pdl
         shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         # zero-filled: padded keys are masked, but their values still enter the matmul (0 * NaN would be NaN)
-        self.k = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.v = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.k, self.v = _zeros(shape, dtype, self.device), _zeros(shape, dtype, self.device)
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -77,6 +84,15 @@ class PagedKVCache:
         in the blocks tables[i]. Sequences with one new token must come first, best sorted by starts (decodes of
         similar length attend together, padded to the longest of their group)."""
         return PagedKVView(self, starts, lengths, tables)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    # numpy's zeros is calloc: the OS hands out zero pages as they are first touched, so a 1 GiB pool costs no time
+    # and no memory until its blocks are used (torch.zeros writes every byte up front)
+    n = dtype.itemsize * math.prod(shape)
+    return torch.from_numpy(np.zeros(n, dtype=np.uint8)).view(dtype).view(shape)
 
 
 class PagedKVView:
@@ -96,8 +112,7 @@ class PagedKVView:
         self._decodes, self._chunks = [], []
         self._gpu = None  # CUDA: all decodes in one Triton launch, (count, tables (B, W) int32, keys (B,) int32, splits)
         self._cpu = None  # CPU kernel: all decodes in one call reading the blocks in place, (count, tables, keys)
-        cfg = cache.cfg
-        if n_dec and cpu_attention.available(dev, cfg.head_dim, cache.dtype):
+        if n_dec and cache.cpu_kernel:
             width = max(s // bs for s in starts[:n_dec]) + 1
             padded = [t[:width] + [0] * (width - min(width, len(t))) for t in tables[:n_dec]]
             self._cpu = (n_dec, torch.tensor(padded, dtype=torch.long), torch.tensor(starts[:n_dec]) + 1)
@@ -162,7 +177,8 @@ class PagedKVView:
             store_kv(K, V, self._slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
             if self._gpu is not None:
                 n_dec, tables, lengths, splits = self._gpu
-                out = paged_decode(q[0, :, :n_dec].transpose(0, 1), K, V, tables, lengths, window, splits)
+                out = paged_decode(q[0, :, :n_dec].transpose(0, 1), K, V, tables, lengths, window, splits,
+                                   pdl=self.cache.pdl)
                 outs.append(out.transpose(0, 1)[None])  # (1, H, n_dec, D)
         else:
             K.view(-1, KV, D).index_copy_(0, self._slots, k[0].transpose(0, 1).to(K.dtype))

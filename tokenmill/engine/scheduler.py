@@ -14,41 +14,11 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from tokenmill.engine.block_manager import BlockManager
-from tokenmill.engine.sequence import Sequence
-
-
-@dataclass(eq=False)
-class Request:
-    """A request as the scheduler sees it: its Sequence (token ids, finish state) and how many tokens are cached."""
-
-    id: str
-    seq: Sequence
-    arrival: float = field(default_factory=time.perf_counter)
-    num_computed: int = 0  # leading tokens of token_ids whose k/v are in the cache
-    cached_tokens: int = -1  # prompt tokens taken from the prefix cache at first admission (-1: not admitted yet)
-    t_scheduled: float = 0.0  # first admission
-    t_finished: float = 0.0
-    preemptions: int = 0
-    error: str | None = None
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.seq.prompt_ids + self.seq.output_ids
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.seq.prompt_ids) + len(self.seq.output_ids)
-
-    def next_tokens(self, n: int) -> list[int]:
-        """The n tokens after the cached ones."""
-        p, start = self.seq.prompt_ids, self.num_computed
-        if start >= len(p):
-            return self.seq.output_ids[start - len(p) : start - len(p) + n]
-        return (p + self.seq.output_ids)[start : start + n] if start + n > len(p) else p[start : start + n]
+from tokenmill.engine.request import Request
 
 
 @dataclass
-class Batch:
+class ScheduledBatch:
     """One step's work: (request, number of its next tokens to compute), in scheduling order."""
 
     items: list[tuple[Request, int]] = field(default_factory=list)
@@ -81,7 +51,7 @@ class Scheduler:
         return None
 
     def add(self, req: Request):
-        """Queue a request; one that can never fit fails with `req.error` in the next step's Batch.failed. Caps the
+        """Queue a request; one that can never fit fails with `req.error` in the next step's ScheduledBatch.failed. Caps the
         request's max_new_tokens so it always fits alone."""
         n, pool = len(req.seq.prompt_ids), self.blocks.num_blocks * self.blocks.block_size
         req.error = self.never_fits(n)
@@ -95,8 +65,8 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self._failed)
 
-    def schedule(self) -> Batch:
-        batch, budget = Batch(failed=self._failed), self.max_num_batched_tokens
+    def schedule(self) -> ScheduledBatch:
+        batch, budget = ScheduledBatch(failed=self._failed), self.max_num_batched_tokens
         self._failed = []
         i = 0
         while i < len(self.running) and budget:
@@ -136,7 +106,7 @@ class Scheduler:
             budget -= n
         return batch
 
-    def _preempt(self, req: Request, batch: Batch):
+    def _preempt(self, req: Request, batch: ScheduledBatch):
         self.blocks.free(req.id)
         req.num_computed = 0
         req.preemptions += 1
@@ -144,7 +114,7 @@ class Scheduler:
         self.waiting.appendleft(req)
         batch.preempted.append(req)
 
-    def finish(self, req: Request):
+    def remove(self, req: Request):
         """Take a finished or aborted request out of the queues and free its blocks."""
         if req in self.running:
             self.running.remove(req)

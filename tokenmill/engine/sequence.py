@@ -1,9 +1,11 @@
-"""One generation request in flight: its tokens, sampling state, text stream state, finish reason and timings."""
+"""One generation in flight: its tokens, sampling state, text stream state (detokenizer, stop strings, banned strings)
+and finish reason; and the Completion it becomes, with its RequestMetrics."""
 from __future__ import annotations
 
 import time
 from bisect import bisect_right
 from dataclasses import dataclass, field
+from typing import Any
 
 from tokenmill.sampling.sampler import SeqSamplingState
 from tokenmill.sampling.params import SamplingParams
@@ -14,32 +16,66 @@ MAX_REWINDS_PER_POSITION = 32
 
 
 @dataclass
+class RequestMetrics:
+    """One request's timings, from its arrival in the engine (computed once, by Request.completion)."""
+
+    queue_seconds: float  # arrival -> first scheduled
+    ttft_seconds: float  # arrival -> first token
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose k/v came from the prefix cache
+    prompt_seconds: float  # first scheduled -> first token (prefill, and any wait between its chunks)
+    prompt_tps: float  # computed prompt tokens / prompt_seconds
+    generated_tokens: int
+    generation_seconds: float  # first token -> last
+    generation_tps: float  # tokens after the first / generation_seconds (the first comes out of prefill)
+    latency_seconds: float  # arrival -> finished
+    finish_reason: str
+    preemptions: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()
+                if k not in ("prompt_seconds", "generation_seconds")}
+
+
+@dataclass
 class Completion:
     """The result of one generation."""
 
     text: str
     token_ids: list[int]
-    finish_reason: str  # "eos" | "stop" | "stop_string" | "length" | "banned_rewind_limit" | "aborted"
+    finish_reason: str  # "eos" | "stop" | "stop_string" | "length" | "banned_rewind_limit" | "aborted" | "error"
     stop: str | int | None  # the stop string or token id that ended it
-    prompt_tokens: int
-    cached_tokens: int  # prompt tokens whose k/v were reused from the cache
-    prompt_seconds: float
-    generation_seconds: float  # first token to last
+    metrics: RequestMetrics
     logprobs: list[float] | None = None
+    error: str | None = None  # why it failed (finish reason "error")
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.metrics.prompt_tokens
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.metrics.cached_tokens
 
     @property
     def generated_tokens(self) -> int:
         return len(self.token_ids)
 
     @property
+    def prompt_seconds(self) -> float:
+        return self.metrics.prompt_seconds
+
+    @property
+    def generation_seconds(self) -> float:
+        return self.metrics.generation_seconds
+
+    @property
     def prompt_tps(self) -> float:
-        return (self.prompt_tokens - self.cached_tokens) / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+        return self.metrics.prompt_tps
 
     @property
     def generation_tps(self) -> float:
-        # the first token comes out of prefill; the rest are decode steps
-        n = self.generated_tokens - 1
-        return n / self.generation_seconds if n > 0 and self.generation_seconds > 0 else 0.0
+        return self.metrics.generation_tps
 
     def stats_line(self) -> str:
         return (
@@ -54,14 +90,11 @@ class Sequence:
     params: SamplingParams
     state: SeqSamplingState
     tokenizer: Tokenizer
-    row: int = 0
     max_new_tokens: int = 0
     finish_reason: str | None = None
     stop: str | int | None = None
-    cached_tokens: int = 0
     text: str = ""  # text released to the caller
     logprobs: list[float] = field(default_factory=list)
-    t_start: float = field(default_factory=time.perf_counter)
     t_first: float = 0.0
     t_last: float = 0.0
     rewound: bool = False  # set by append(): the caller must truncate the KV cache to cache_length
@@ -94,7 +127,7 @@ class Sequence:
         """Tokens whose k/v the cache must hold before the next decode step (all but the last token)."""
         return len(self.prompt_ids) + len(self.output_ids) - 1
 
-    def finish(self, reason: str, stop: str | int | None = None):
+    def end(self, reason: str, stop: str | int | None = None):
         if self.finish_reason is None:
             self.finish_reason, self.stop = reason, stop
 
@@ -112,13 +145,13 @@ class Sequence:
         p = self.params
         piece = ""
         if token in p.stop_token_ids:
-            self.finish("stop", token)
+            self.end("stop", token)
         elif token in self.state.eos_ids and not p.ignore_eos:
-            self.finish("eos", token)
+            self.end("eos", token)
         else:
             piece = self.decoder.push(token)
             if len(self.output_ids) >= self.max_new_tokens:
-                self.finish("length")
+                self.end("length")
         if self.finished:
             piece += self.decoder.flush()
         self._decoded += piece
@@ -173,18 +206,8 @@ class Sequence:
             self.text += self.stops.feed(self._pass_on())[0] + self.stops.flush()
         return True
 
-    def completion(self) -> Completion:
+    def completion(self, finish_reason: str, metrics: RequestMetrics, error: str | None = None) -> Completion:
         ids = self.output_ids
-        if self.finish_reason in ("eos", "stop") and ids:
+        if finish_reason in ("eos", "stop") and ids:
             ids = ids[:-1]  # the stop token itself is not part of the answer
-        return Completion(
-            text=self.text,
-            token_ids=list(ids),
-            finish_reason=self.finish_reason or "aborted",
-            stop=self.stop,
-            prompt_tokens=len(self.prompt_ids),
-            cached_tokens=self.cached_tokens,
-            prompt_seconds=max(0.0, self.t_first - self.t_start),
-            generation_seconds=max(0.0, self.t_last - self.t_first),
-            logprobs=self.logprobs or None,
-        )
+        return Completion(self.text, list(ids), finish_reason, self.stop, metrics, self.logprobs or None, error)

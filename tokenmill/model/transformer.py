@@ -17,7 +17,7 @@ from tokenmill.formats.quants import QuantizedTensor
 
 
 class KVView(Protocol):
-    """What attention needs from a KV cache for one forward (see kv_cache.py): store new k/v, attend over the row's past."""
+    """What attention needs from a KV cache for one forward (engine/kv_cache.py): store new k/v, attend over the past."""
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
         """q (B, H, T, D), k/v (B, KV, T, D) for the new tokens -> attention output (B, H, T, D)."""
@@ -124,18 +124,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    # forward in two halves around the KV cache, so the runner can compile each (one graph for every layer: no
+    # forward in two halves around the KV cache, so model/cpu.py can compile each (one graph for every layer: no
     # per-layer integer inside) and leave the cache's bookkeeping eager
-    def attention_inputs(self, x, cos, sin):
+    def pre_attention(self, x, cos, sin):
         return self.self_attn.project(self.input_layernorm(x), cos, sin)
 
-    def finish(self, x, attn):
+    def post_attention(self, x, attn):
         x = x + self.self_attn.output(attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward(self, x, cos, sin, kv):
         a = self.self_attn
-        return self.finish(x, kv.attend(a.layer, *self.attention_inputs(x, cos, sin), a.window))
+        return self.post_attention(x, kv.attend(a.layer, *self.pre_attention(x, cos, sin), a.window))
 
 
 class Body(nn.Module):
@@ -187,24 +187,16 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv: KVView,
-        last_only: bool = False,
-        logits_at: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """input_ids, positions (B, T) -> logits (B, T, V) fp32; (B, 1, V) for the last position when last_only;
-        (N, V) at the flattened (B * T) token indices `logits_at` (a packed batch samples a few rows only)."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVView,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions (B, T) -> logits (B, T, V) fp32; or (N, V) at the flattened (B * T) token indices
+        `logits_at` (a packed batch samples a few rows only: a prefill chunk needs no per-token logits)."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, kv)
         if logits_at is not None:
             x = x.flatten(0, 1)[logits_at]
-        elif last_only:
-            x = x[:, -1:]
         return self.head(x)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,7 @@ def copy_bandwidth() -> float:
 
 def build_model(shape: str, quant: str, seed: int = 0):
     """Random bf16 weights made on the GPU (std 0.02, norms 1), then the runner's GPU preparation with `quant`."""
+    from tokenmill.kernels.gpu.matvec import pdl_supported
     from tokenmill.model.gpu import prepare_gpu_model
     from tokenmill.model.transformer import Transformer, rope_inv_freq
 
@@ -78,7 +79,7 @@ def build_model(shape: str, quant: str, seed: int = 0):
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg).cuda()
-    prepare_gpu_model(model, quant=None if quant == "bf16" else quant)
+    prepare_gpu_model(model, quant=None if quant == "bf16" else quant, pdl=pdl_supported(torch.device("cuda")))
     return model.eval(), cfg
 
 
@@ -99,9 +100,10 @@ def decode_tps(model, cfg, batch: int, context: int, steps: int) -> float:
     """Tokens per second over `steps` graph replays at `context` cached tokens per sequence (greedy, fed back on GPU)."""
     from tokenmill.engine.cuda_graphs import DecodeGraphs
     from tokenmill.engine.kv_cache import PagedKVCache
+    from tokenmill.kernels.gpu.matvec import pdl_supported
 
     per = -(-(context + steps + 8) // BLOCK)
-    cache = PagedKVCache(cfg, batch * per, BLOCK, torch.bfloat16, "cuda")
+    cache = PagedKVCache(cfg, batch * per, BLOCK, torch.bfloat16, "cuda", pdl=pdl_supported(torch.device("cuda")))
     cache.k.normal_(0, 1)
     cache.v.normal_(0, 1)
     graphs = DecodeGraphs(model, cache, per, buckets=(batch,))
@@ -130,13 +132,14 @@ def prefill_tps(model, cfg, n: int, repeat: int = 3) -> float:
     cache = PagedKVCache(cfg, -(-n // BLOCK), BLOCK, torch.bfloat16, "cuda")
     table = list(range(cache.num_blocks))
     ids = torch.randint(0, cfg.vocab_size, (1, n), device="cuda")
+    last = torch.tensor([n - 1], device="cuda")
     times = []
     with torch.inference_mode():
         for i in range(repeat + 1):
             torch.cuda.synchronize()
             t = time.perf_counter()
             view = cache.view([0], [n], [table])
-            model(ids, view.positions, view, last_only=True)
+            model(ids, view.positions, view, logits_at=last)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
     return n / statistics.median(times[1:])

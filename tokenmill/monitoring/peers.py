@@ -90,18 +90,17 @@ def run_cpu_bench(args, s: dict):
     from rich.table import Table
 
     from tokenmill.llm import load
-    from tokenmill.kernels.cpu.linear import has_int4_cpu_kernel, pack_int4_linears
 
     con = Console(soft_wrap=True)
-    llm = load(args.model, threads=args.threads)
     bw = copy_bandwidth_gbs()
-    con.print(f"[bold]{cpu_name()}[/bold], {torch.get_num_threads()} threads, torch {torch.__version__}, "
-              f"{os.cpu_count()} cores visible, copy bandwidth {bw:.1f} GB/s")
     variants = {}
-    for name in ("fp32 (exact)", "int4 decode kernel"):
-        if name.startswith("int4"):
-            if not has_int4_cpu_kernel() or not pack_int4_linears(llm.runner.model, llm.loaded.packed):
-                continue
+    for name, int4 in (("fp32 (exact)", False), ("int4", True)):
+        llm = load(args.model, threads=args.threads, int4=int4)
+        if not variants:
+            con.print(f"[bold]{cpu_name()}[/bold], {torch.get_num_threads()} threads, torch {torch.__version__}, "
+                      f"{os.cpu_count()} cores visible, copy bandwidth {bw:.1f} GB/s")
+        if int4 and not llm.runner.int4_layers:
+            continue
         wbytes = weight_bytes_per_token(llm.runner.model)
         bound = bw * 1e9 / wbytes
         con.print(f"{name}: {wbytes / 2**20:.0f} MiB of weights read per token -> decode bound {bound:.0f} tok/s")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from tokenmill.engine.scratch import ScratchCache
 from tokenmill.errors import InvalidRequestError
 
 DEFAULT_TEXT = "shared/data/wikitext-2-raw-test.txt"  # beside the repository: ../shared/data/...
@@ -89,11 +90,11 @@ def perplexity(llm, ids: list[int], n_ctx: int = 512, n_chunks: int | None = Non
     each chunk."""
     tok = llm.tokenizer
     chunks = chunks_of(ids, n_ctx, n_chunks, tok.bos_id if tok.add_bos else None)
-    cache = llm.runner.new_cache(1, n_ctx)
+    cache = ScratchCache(llm.runner, 1, n_ctx)
     nll, per_chunk, t0 = [], [], time.perf_counter()
     for i, chunk in enumerate(chunks):
         cache.reset()
-        x = nll_second_half(llm.runner.score(cache, 0, chunk), chunk)
+        x = nll_second_half(cache.score(0, chunk), chunk)
         nll.append(x)
         per_chunk.append(x.mean().item())
         if progress:

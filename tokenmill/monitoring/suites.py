@@ -2,7 +2,7 @@
 {"figures": {name: figure}, ...extras}; a figure is the median of `repeat` runs with its spread (baseline.figure).
 
     decode   batch 1, short prompt: tok/s of llm.generate (sampler and detokenizer included)
-    context  decode tok/s with the KV cache filled to each step, up to the model's maximum (runner decode + argmax)
+    context  decode tok/s with the KV cache filled to each step, up to the model's maximum (runner forward + argmax)
     prefill  prompt tok/s for each prompt length (one row, from an empty cache)
     batch    engine throughput and p50/p95 latency vs concurrency; the recommended concurrency (`recommend`)
     chat     the multi-turn curve: a ChatSession's replies turn after turn, the previous turn's KV prefix reused
@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from tokenmill.engine.scratch import ScratchCache
 from tokenmill.monitoring.baseline import QUALITY_THRESHOLD, figure
 from tokenmill.sampling.params import SamplingParams
 
@@ -55,14 +56,14 @@ def decode(llm, s: dict, log) -> dict:
 
 
 def context(llm, s: dict, log) -> dict:
-    k, runner = s["context_tokens"], llm.runner
+    k = s["context_tokens"]
     steps = sorted({min(c, llm.context_length - k) for c in s["context"]})
     ids = _random_ids(llm, steps[-1] + 1)
-    cache = runner.new_cache(1, steps[-1] + k)
+    cache = ScratchCache(llm.runner, 1, steps[-1] + k)
     figs, done = {}, 0
     for c in steps:
         cache.truncate(0, done)
-        runner.prefill(cache, 0, ids[done:c])  # the cache grows step by step: one prefill of the largest in all
+        cache.prefill(0, ids[done:c])  # the cache grows step by step: one prefill of the largest in all
         done, runs = c, []
         for r in range(s["repeat"] + 1):  # the first is warm-up
             cache.truncate(0, c)
@@ -70,7 +71,7 @@ def context(llm, s: dict, log) -> dict:
             _sync(llm)
             t = time.perf_counter()
             for _ in range(k):
-                tok = int(runner.decode(cache, [0], [tok])[0].argmax())
+                tok = int(cache.decode([0], [tok])[0].argmax())
             if r:
                 runs.append(k / (time.perf_counter() - t))
         figs[f"context {c} decode tok/s"] = figure(runs, "tok/s", suite="context", x=c, metric="decode tok/s")
@@ -82,12 +83,12 @@ def prefill(llm, s: dict, log) -> dict:
     figs = {}
     for n in s["prefill"]:
         n = min(n, llm.context_length)
-        ids, cache, runs = _random_ids(llm, n), llm.runner.new_cache(1, n), []
+        ids, cache, runs = _random_ids(llm, n), ScratchCache(llm.runner, 1, n), []
         for r in range(s["repeat"] + 1):
             cache.reset()
             _sync(llm)
             t = time.perf_counter()
-            llm.runner.prefill(cache, 0, ids)
+            cache.prefill(0, ids)
             _sync(llm)
             if r:
                 runs.append(n / (time.perf_counter() - t))
@@ -151,7 +152,7 @@ def batch(llm, s: dict, log) -> dict:
         points.append({"c": c, "throughput": statistics.median(thr), "p95": statistics.median(p95)})
         log(f"batch concurrency {c}: {points[-1]['throughput']:.1f} tok/s, p95 {points[-1]['p95']:.2f} s")
     memory = parse_memory(s["kv_cache_memory"]) if s.get("kv_cache_memory") else default_kv_memory(llm.runner.device)
-    per_token = PagedKVCache.bytes_per_block(llm.config, 1, llm.runner.dtype)
+    per_token = PagedKVCache.bytes_per_block(llm.config, 1, llm.runner.kv_dtype)
     kv_bound = max(1, memory // (per_token * (plen + new)))
     c, why = recommend(points, kv_bound)
     rec = {"recommended": c, "why": why, "kv_memory_bytes": memory, "kv_bound": kv_bound,

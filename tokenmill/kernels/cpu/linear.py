@@ -21,8 +21,7 @@ from gguf import GGMLQuantizationType as T
 from torch import nn
 
 from tokenmill.kernels.cpu.extension import ops
-from tokenmill.errors import UnsupportedError
-from tokenmill.formats.quants import INT4_GROUP_TYPES, QuantizedTensor, int4_groups
+from tokenmill.formats.quants import QuantizedTensor, int4_groups
 
 GROUP = 32
 DENSE_ROWS = 32  # from this many rows up, the dense fp32 weight (if kept) is faster than the int4 kernel
@@ -87,24 +86,6 @@ def reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, mins: torch
     """x @ W.T in fp32 with W = q * scale + min, groups of 32 along K."""
     w = q.float() * scale.repeat_interleave(GROUP, 1) + mins.repeat_interleave(GROUP, 1)
     return F.linear(x.float(), w)
-
-
-def pack_int4_linears(model: nn.Module, packed: dict[str, QuantizedTensor], keep_dense: bool = True) -> int:
-    """Swap every nn.Linear whose GGUF weight is 4-bit for an Int4Linear (CPU), keeping the dense weight for prefill
-    when `keep_dense`. Returns how many were swapped."""
-    n = 0
-    for name, module in list(model.named_modules()):
-        qt = packed.get(f"{name}.weight")
-        if not isinstance(module, nn.Linear) or qt is None or qt.qtype not in INT4_GROUP_TYPES:
-            continue
-        if module.in_features % GROUP:
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        dense = module.weight.data if keep_dense else None
-        setattr(parent, child, Int4Linear.from_quantized(qt, module.bias, dense))
-        n += 1
-    return n
 
 
 # -- our AVX-512 kernels (csrc/quant_matmul.cpp) --
@@ -184,30 +165,3 @@ class BlockLinear(nn.Module):
             x = (a.double() * (amax / 127).double()).reshape(x.shape)
         y = F.linear(x.double(), self.qt.dequantize().double()).float()
         return y + self.bias if self.bias is not None else y
-
-
-def use_block_linears(model: nn.Module, packed: dict[str, QuantizedTensor], int8: bool = False) -> int:
-    """Swap every nn.Linear whose GGUF weight is Q4_0 / Q4_1 / Q8_0 for a BlockLinear (int8 activations when `int8`),
-    and a tied lm_head for one over the embedding's blocks. Returns how many were swapped."""
-    n = 0
-    embed = packed.get("model.embed_tokens.weight")
-    for name, module in list(model.named_modules()):
-        if isinstance(module, BlockLinear):  # a second runner over the same loaded model
-            if module.int8 != int8:
-                raise UnsupportedError(f"this loaded model's layers were prepared with int4={module.int8}; load the "
-                                       f"model again for int4={int8}")
-            n += 1
-            continue
-        if not isinstance(module, nn.Linear):
-            continue
-        qt = packed.get(f"{name}.weight")
-        if qt is None and name == "lm_head" and embed is not None and (
-                module.weight.data_ptr() == model.get_submodule("model.embed_tokens").weight.data_ptr()):
-            qt = embed  # tied: the embedding's blocks
-        if qt is None or qt.qtype not in BLOCK_TYPES or qt.shape != tuple(module.weight.shape):
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, BlockLinear(qt, module.bias, module.weight.data, int8=int8))
-        n += 1
-    return n

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import triton  # CUDA path only (see gpu_linear.py)
 import triton.language as tl
 
-from tokenmill.kernels.gpu.matvec import pdl, pdl_start
+from tokenmill.kernels.gpu.matvec import pdl_start
 
 try:  # used when installed, never required
     from flash_attn import flash_attn_func
@@ -129,7 +129,7 @@ def decode_splits(batch: int, kv_heads: int, max_len: int, sms: int = 132) -> in
 
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
                  lengths: torch.Tensor, window: int | None, splits: int, out: torch.Tensor | None = None,
-                 ) -> torch.Tensor:
+                 pdl: bool = False) -> torch.Tensor:
     """q (B, H, D) one query per sequence (any strides, last dim contiguous); pools (blocks, bs, KV, D); tables (B, W)
     int32 block ids; lengths (B,) int32 keys per sequence (the query's own included) -> (B, H, D)."""
     B, H, D = q.shape
@@ -142,11 +142,11 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ta
         q, k_pool, v_pool, tables, lengths, acc, ml, out, q.stride(0), q.stride(1), tables.stride(0),
         out.stride(0), out.stride(1), 1.0 / math.sqrt(D), window or 0,
         KV=KV, G=G, BG=max(16, triton.next_power_of_2(G)), D=D, BS=bs, BN=KEYS_PER_TILE, SPLITS=splits,
-        WINDOW=window is not None, FP32=k_pool.dtype == torch.float32, PDL=pdl(q.device), launch_pdl=pdl(q.device),
+        WINDOW=window is not None, FP32=k_pool.dtype == torch.float32, PDL=pdl, launch_pdl=pdl,
         num_warps=4)
     if splits > 1:
         _merge_kernel[(B, H)](acc, ml, out, out.stride(0), out.stride(1), H=H, D=D, SPLITS=splits,
-                              PDL=pdl(q.device), launch_pdl=pdl(q.device), num_warps=1)
+                              PDL=pdl, launch_pdl=pdl, num_warps=1)
     return out
 
 
@@ -201,4 +201,5 @@ class PagedDecodeView:
         K, V = self.cache.k[layer], self.cache.v[layer]
         if k is not None:
             store_kv(K, V, self.slots, k[:, :, 0], v[:, :, 0])
-        return paged_decode(q[:, :, 0], K, V, self.tables, self.lengths, window, self.splits)[:, :, None]
+        return paged_decode(q[:, :, 0], K, V, self.tables, self.lengths, window, self.splits,
+                            pdl=self.cache.pdl)[:, :, None]

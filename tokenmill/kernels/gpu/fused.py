@@ -101,9 +101,10 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, stride_
     tl.store(dst + D // 2 + d, x2.to(q_ptr.dtype.element_ty), mask=ok)
 
 
-def add_norm(x: torch.Tensor, p: torch.Tensor | None, weight: torch.Tensor | None, eps: float = 0.0):
+def add_norm(x: torch.Tensor, p: torch.Tensor | None, weight: torch.Tensor | None, eps: float = 0.0,
+             pdl: bool = False):
     """x (..., N) [+ p (M, N), a product or an accumulator (zeroed)] -> (h = x + p, RMSNorm(h) * weight); h is x
-    when p is None, the norm is skipped (None) when weight is None."""
+    when p is None, the norm is skipped (None) when weight is None. pdl: launch with programmatic dependent launch."""
     x2 = x.reshape(-1, x.shape[-1])
     M, N = x2.shape
     h = torch.empty(M, N, dtype=x.dtype, device=x.device) if p is not None else x2
@@ -111,28 +112,27 @@ def add_norm(x: torch.Tensor, p: torch.Tensor | None, weight: torch.Tensor | Non
     _add_rmsnorm_kernel[(M,)](x2, p if p is not None else x2, weight if weight is not None else x2, h,
                               y if y is not None else h, N, x2.stride(0), eps, BLOCK=triton.next_power_of_2(N),
                               HAS_P=p is not None, ZERO=p is not None and matvec.pending(p), NORM=weight is not None,
-                              PDL=matvec.pdl(x.device), launch_pdl=matvec.pdl(x.device),
-                              num_warps=4 if N <= 4096 else 8)
+                              PDL=pdl, launch_pdl=pdl, num_warps=4 if N <= 4096 else 8)
     return h.view(x.shape), (y.view(x.shape) if y is not None else None)
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return add_norm(x, None, weight, eps)[1]
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, pdl: bool = False) -> torch.Tensor:
+    return add_norm(x, None, weight, eps, pdl)[1]
 
 
-def silu_mul(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def silu_mul(x: torch.Tensor, dtype: torch.dtype | None = None, pdl: bool = False) -> torch.Tensor:
     """x (..., 2I) gate | up, a product or a split-K accumulator (zeroed) -> silu(gate) * up (..., I) in dtype
     (default x's)."""
     x2 = x.reshape(-1, x.shape[-1])
     M, I = x2.shape[0], x2.shape[1] // 2
     y = torch.empty(M, I, dtype=dtype or x.dtype, device=x.device)
     _silu_mul_kernel[(M, triton.cdiv(I, 1024))](x2, y, I, x2.stride(0), y.stride(0), BLOCK=1024,
-                                                ZERO=matvec.pending(x2), PDL=matvec.pdl(x.device),
-                                                launch_pdl=matvec.pdl(x.device), num_warps=4)
+                                                ZERO=matvec.pending(x2), PDL=pdl, launch_pdl=pdl, num_warps=4)
     return y.view(*x.shape[:-1], I)
 
 
-def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, H: int, KV: int, D: int, pool=None):
+def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, H: int, KV: int, D: int, pool=None,
+             pdl: bool = False):
     """qkv (B, T, (H + 2 KV) D), a product or an accumulator (zeroed); cos/sin (B, 1, T, D) -> q (B, T, H, D) rotated,
     k (B, T, KV, D) rotated, v (B, T, KV, D). pool = (k_pool, v_pool, slots (B T,)): k and v go there instead (None)."""
     B, T, C = qkv.shape
@@ -145,8 +145,8 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, H: int, KV
     else:
         k, v, slots = pool
     _rope_kernel[(B * T, H + 2 * KV)](x, c, s, q, k, v, slots, x.stride(0), c.stride(0), H=H, KV=KV, D=D,
-                                      POOL=pool is not None, ZERO=matvec.pending(qkv), PDL=matvec.pdl(qkv.device),
-                                      launch_pdl=matvec.pdl(qkv.device), num_warps=1)
+                                      POOL=pool is not None, ZERO=matvec.pending(qkv), PDL=pdl, launch_pdl=pdl,
+                                      num_warps=1)
     return (q, k, v) if pool is None else (q, None, None)
 
 

@@ -11,7 +11,7 @@ equal runs of the column tiles x spans units, no partial last wave), "gemvh" on 
 (fp32 x, padded K, GLU): `_gemv_w4_kernel`, fp32 FMA with q' = 128 + q read from the mantissa. More rows: tensor
 cores, each group's partial product scaled after its last sub-tile. `GLU`: x is gate | up (M, 2K) and the kernel
 multiplies by silu(gate) * up as it loads (down_proj without a SiLU launch; used up to GLU_ROWS rows). The decode
-path launches with programmatic dependent launch (`pdl`).
+path launches with programmatic dependent launch (`pdl`, chosen at load).
 """
 from __future__ import annotations
 
@@ -28,18 +28,18 @@ SPAN = 256
 # tensor-core operand type; fp32 under TRITON_INTERPRET=1 (the CPU interpreter mishandles bf16 conversions)
 INTERP = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 DOT_T = tl.constexpr(tl.float32 if INTERP else tl.bfloat16)
-# Programmatic dependent launch (Hopper and later; TOKENMILL_PDL=0 turns it off): a kernel so launched may start while
-# the one before it in the stream still runs, and reads nothing that one writes before `gdc_wait`. The decode path's
-# small kernels (norms, RoPE, attention, SiLU-mul) wait at once and let the next kernel launch at once, so a W4
-# product's programs load their first weights while the small kernel runs; the W4 kernel lets the next launch after
-# its main loop. Kernels launched without it (torch's, the tensor-core ones) keep the usual full ordering.
-PDL_ENV = os.environ.get("TOKENMILL_PDL", "1") != "0"
+# Programmatic dependent launch (Hopper and later; chosen at load, `tokenmill.load(pdl=...)`, and passed to each launch
+# as `pdl`): a kernel so launched may start while the one before it in the stream still runs, and reads nothing that
+# one writes before `gdc_wait`. The decode path's small kernels (norms, RoPE, attention, SiLU-mul) wait at once and let
+# the next kernel launch at once, so a W4 product's programs load their first weights while the small kernel runs; the
+# W4 kernel lets the next launch after its main loop. Kernels launched without it (torch's, the tensor-core ones) keep
+# the usual full ordering.
 
 
 @functools.cache
-def pdl(device: torch.device) -> bool:
-    """Whether the decode kernels use programmatic dependent launch on this device."""
-    return PDL_ENV and not INTERP and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+def pdl_supported(device: torch.device) -> bool:
+    """Whether programmatic dependent launch works on this device (compute capability 9 or later)."""
+    return not INTERP and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @triton.jit
@@ -478,9 +478,11 @@ def pending(y: torch.Tensor) -> bool:
     return y.dtype == torch.float32 and any(y.data_ptr() == b.data_ptr() for b in _ACCUMULATORS.values())
 
 
-def launch(x, qweight, scales, zeros, bias, bits: int, group: int, K: int, cfg: tuple, glu: bool, out_dtype):
+def launch(x, qweight, scales, zeros, bias, bits: int, group: int, K: int, cfg: tuple, glu: bool, out_dtype,
+           pdl: bool = False):
     """x (M, K) (or (M, 2K) with glu), contiguous rows -> (M, N): the product in out_dtype with one split; with more,
-    the fp32 accumulator the splits added into, which its reader must zero (see `accumulator`)."""
+    the fp32 accumulator the splits added into, which its reader must zero (see `accumulator`). pdl: the one-row
+    kernel launches with programmatic dependent launch (see `pdl_supported`)."""
     M, N = x.shape[0], qweight.shape[0]
     Kp = qweight.shape[1] * (8 if bits == 4 else 1)
     spans = Kp // SPAN
@@ -501,7 +503,7 @@ def launch(x, qweight, scales, zeros, bias, bits: int, group: int, K: int, cfg: 
         grid = (r * sm_count(x.device),) if kind == "gemvs" else (triton.cdiv(N, bn), splits)
         _gemv_w4h_kernel[grid](x, qweight, scales, z, b, y, N, K, Kp // 8, spans, per, GROUP=group, BN=bn, PF=u - 1,
                                HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None, ATOMIC=atomic,
-                               STREAM=kind == "gemvs", PDL=pdl(x.device), PRESUM=presum, launch_pdl=pdl(x.device),
+                               STREAM=kind == "gemvs", PDL=pdl, PRESUM=presum, launch_pdl=pdl,
                                num_warps=warps)
         return y
     if kind == "gemv":

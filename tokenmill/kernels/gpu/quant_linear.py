@@ -63,6 +63,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.pdl = False  # one-row products launch with programmatic dependent launch (set by prepare_gpu_model)
 
     @property
     def padded_in(self) -> int:
@@ -93,7 +94,7 @@ class QuantLinear(nn.Module):
         cfg = config or matvec.config(M, N, self.padded_in, self.bits, self.group, sm_count(x.device))
         cfg = cfg if split else matvec.unsplit(cfg)
         return matvec.launch(x, self.qweight, self.scales, self.zeros, self.bias, self.bits, self.group,
-                             self.in_features, cfg, glu, x.dtype)
+                             self.in_features, cfg, glu, x.dtype, self.pdl)
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The weight as (N, K) in dtype, one Triton pass (computed in fp32, rounded once)."""
