@@ -1,10 +1,10 @@
-"""Kernel sweep on the GPU: the W4/W8 decode kernels' launch configs (gpu_matvec.py: columns per program, spans per
+"""Kernel sweep on the GPU: the W4/W8 decode kernels' launch configs (kernels/gpu/matvec.py: columns per program, spans per
 iteration, warps, K splits) against bf16 cuBLAS and torch's int4 tinygemm on Llama-3-8B's linear shapes; dequantize +
 cuBLAS at 4096 rows; paged decode attention. Times are CUDA-graph replays of 8 copies of each weight in turn (so the L2
 cache holds none), median of 5 replays; GB/s = the layer's bytes (packed weights, scales, zeros) / time.
 
     PYTHONPATH=. python benchmarks/bench_gpu_kernels.py [--quick] [--write] [--table] [--rows 1,4]
-    # quick: q4g128, rows 1/4/16/64, no prefill/attention; write: merge into tokenmill/gpu_matvec_table.py; table:
+    # quick: q4g128, rows 1/4/16/64, no prefill/attention; write: merge into tokenmill/kernels/gpu/matvec_table.py; table:
     # the configs in use timed, no sweep; rows: only these row counts; --half-only: one row, packed-half kernel only;
     # --group 32: --quick sweeps q4g32 instead
 """
@@ -85,10 +85,10 @@ def best_config(layers, x, glu, cands):
 
 def write_table(table: dict, glu_rows: int) -> None:
     table = {**gpu_matvec.TABLE, **table}  # entries not measured in this run are kept
-    with open("tokenmill/gpu_matvec_table.py", "w") as f:
-        f.write(f'"""Launch configs of gpu_matvec.py per (rows bucket, N, padded K, bits, group), measured on\n'
+    with open("tokenmill/kernels/gpu/matvec_table.py", "w") as f:
+        f.write(f'"""Launch configs of matvec.py per (rows bucket, N, padded K, bits, group), measured on\n'
                 f'{torch.cuda.get_device_name()} by benchmarks/bench_gpu_kernels.py --write over Llama-3-8B\'s shapes; '
-                f'other shapes\ntake the rule in gpu_matvec.config. GLU_ROWS: up to this many rows down_proj computes '
+                f'other shapes\ntake the rule in matvec.config. GLU_ROWS: up to this many rows down_proj computes '
                 f'silu(gate) * up as it\nloads (0: never; the separate SiLU-mul launch measured faster)."""\n\n'
                 f'TABLE = {{\n')
         for key, cfg in sorted(table.items()):

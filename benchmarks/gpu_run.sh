@@ -14,7 +14,7 @@ for stage in "$@"; do
     tests) timeout ${T_TESTS:-300} python3 -m pytest -q -m gpu $TESTS -p no:cacheprovider 2>&1 | tee $OUT/tests.log | tail -30 ;;
     stress) timeout ${T_STRESS:-120} python3 benchmarks/stress_gpu_forward.py 2>&1 | tee $OUT/stress.log ;;
     kernels) timeout ${T_KERNELS:-260} python3 benchmarks/bench_gpu_kernels.py ${KARGS:---quick --write} 2>&1 | grep -v "^  skip" | tee $OUT/kernels.log
-             cp tokenmill/gpu_matvec_table.py $OUT/ ;;
+             cp tokenmill/kernels/gpu/matvec_table.py $OUT/ ;;
     bench) timeout ${T_BENCH:-300} python3 -m tokenmill.monitoring.gpu_shapes ${BARGS:---shape llama3-8b --quant q4g128,bf16} --json $OUT/bench.json 2>&1 | tee $OUT/bench.log ;;
     profile) timeout ${T_PROFILE:-60} python3 benchmarks/profile_decode.py ${PARGS:-} 2>&1 | tee $OUT/profile.log ;;
   esac

@@ -127,13 +127,15 @@ def test_chat_streams_reuses_prefix_stops_on_ctrl_c_and_runs_commands(gguf_path,
     assert replies[:4] == [m["content"] + "\n" for m in history[1::2]]
 
     # what the model was given, recomputed from the transcript; each turn reused the previous prompt from the cache
+    # (the engine's prefix cache holds whole blocks: up to a block's worth less than the previous prompt)
     prompts = [llm.encode(system + history[: 2 * i + 1]) for i in range(4)]
     assert stats[0][:3] == (len(prompts[0]), 0, len(prompts[0]))
+    block = llm.engine.blocks.block_size
     for i in (1, 2, 3):
         prompt, cached, new = stats[i][:3]
         assert prompt == len(prompts[i]) and prompts[i][: len(prompts[i - 1])] == prompts[i - 1]
-        assert len(prompts[i - 1]) <= cached < prompt
-        assert new <= len(llm.encode(history[2 * i]["content"])) + 12  # the new turn's tokens, no more
+        assert whole_blocks(llm, len(prompts[i - 1])) <= cached < prompt
+        assert new <= len(llm.encode(history[2 * i]["content"])) + 12 + block - 1  # the new turn's tokens, no more
 
     # Ctrl-C kept the partial reply (what was printed); the next turn, built on its cached tokens, equals a recompute
     partial = history[5]["content"]
@@ -145,7 +147,7 @@ def test_chat_streams_reuses_prefix_stops_on_ctrl_c_and_runs_commands(gguf_path,
     # /undo dropped the last exchange; /retry regenerated the stopped reply from the cached prompt (greedy: it
     # starts with what was stopped)
     assert json.loads(after_undo.read_text())["messages"] == history[:6]
-    assert stats[4][:2] == (len(prompts[2]), len(prompts[2]) - 1)
+    assert stats[4][:2] == (len(prompts[2]), whole_blocks(llm, len(prompts[2]) - 1))
     assert replies[4].startswith(partial) and len(replies[4]) > len(partial) + 1
     lines = c.stderr.splitlines()
     assert sum("error: unknown command '/bogus'" in line for line in lines) == 1
@@ -348,11 +350,11 @@ def check_cli(*args, stdin=None):
 def test_check_prompt_finds_planted_mistake_and_is_silent_on_good_prompts(gguf_path, tmp_path, capsys, monkeypatch):
     import functools
 
-    from tokenmill.cli import chat as chat_cli
+    from tokenmill.cli import check_prompt
     from tokenmill.cli.main import main
 
     # in-process runs read the GGUF vocabulary once (gguf-py takes seconds to parse it)
-    monkeypatch.setattr(chat_cli, "_tokenizer_and_template", functools.lru_cache(chat_cli._tokenizer_and_template))
+    monkeypatch.setattr(check_prompt, "_tokenizer_and_template", functools.lru_cache(check_prompt._tokenizer_and_template))
 
     good = chatml([{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello"}])
     planted = good.replace("<|im_start|>user\n", "<|im_start|>user")  # the role tag lost its newline

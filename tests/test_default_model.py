@@ -105,7 +105,7 @@ def test_prefix_reuse_gives_same_tokens_and_skips_cached_prompt(llm):
 
 
 def test_int4_path_logits_within_its_tolerance(llm, gguf_path):
-    """The opt-in int4 path rounds activations: with our kernels (csrc/quant_matmul.cpp) to int8 per block of 32 for
+    """The opt-in int4 path rounds activations: with our kernels (kernels/cpu/csrc/quant_matmul.cpp) to int8 per block of 32 for
     VNNI dot products with the 4-bit layers and the Q8_0 lm_head (as llama.cpp's Q4 x Q8 and Q8 x Q8 products), at
     every row count, so prompts too; without them, torch's int4 CPU kernel takes bf16 activations and bf16 group
     scales/zeros. Either keeps 2-3 significant digits per product, so logits move by 1-4% of their range, and greedy

@@ -73,7 +73,7 @@ def test_q8_linear_equals_the_dequantized_product(rows):
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
-# -- our AVX-512 block kernels (csrc/quant_matmul.cpp) --
+# -- our AVX-512 block kernels (kernels/cpu/csrc/quant_matmul.cpp) --
 needs_kernels = pytest.mark.skipif(block_kernels() is None, reason="tokenmill C++ CPU kernels not built here")
 SHAPES = [(48, 512), (37, 96), (3, 64)]  # N not a multiple of the 16-row strip; K from 2 to 16 blocks
 

@@ -1,10 +1,10 @@
 """`tokenmill bench`: speed and quality suites, saved baselines, comparisons and reports.
 
     tokenmill bench --threads 2 --peers            decode / prefill beside the bandwidth bound and HF transformers
-    tokenmill bench decode context batch ...       suites (suites.py); `all` runs every one
-    tokenmill bench ... --save-baseline NAME       store the result with its environment (baseline.py)
+    tokenmill bench decode context batch ...       suites (monitoring/suites.py); `all` runs every one
+    tokenmill bench ... --save-baseline NAME       store the result with its environment (monitoring/baseline.py)
     tokenmill bench --compare NAME                 rerun NAME's suites with its settings; exit 1 on a regression
-    tokenmill bench report [--compare NAME]        the latest result as PNG plots + one HTML page (report.py)
+    tokenmill bench report [--compare NAME]        the latest result as PNG plots + one HTML page (monitoring/report.py)
 
 The decode bound: measured copy bandwidth / bytes of weights read per token. Peers (`--peers`): HF transformers fp32
 on the same weights, measured in the same run when transformers is installed.
@@ -81,13 +81,12 @@ def add_parser(sub):
 
 
 def run_gpu_bench(args) -> int:
-    """`--shape` / `--quant`: tokenmill/gpu_bench.py's bench, its flags (gpu_bench.add_arguments) parsed from the
-    first of the two on; gpu_bench.main(args) prints its table."""
-
+    """`--shape` / `--quant`: monitoring/gpu_shapes.py's bench, its flags (gpu_shapes.add_arguments) parsed from the
+    first of the two on; gpu_shapes.main(args) prints its table. Imported here only: it needs triton."""
     flag, rest = ("--shape", args.gpu_shape) if args.gpu_shape is not None else ("--quant", args.gpu_quant)
-    if importlib.util.find_spec(f"{__package__}.gpu_bench") is None:
-        raise UnsupportedError(f"{flag} needs tokenmill/gpu_bench.py (the GPU bench), which this install lacks")
-    gpu = importlib.import_module(".gpu_bench", __package__)
+    if importlib.util.find_spec("triton") is None:
+        raise UnsupportedError(f"{flag} needs triton and a CUDA device (the GPU bench); this install has no triton")
+    gpu = importlib.import_module("tokenmill.monitoring.gpu_shapes")
     p = Parser(prog="tokenmill bench --shape/--quant")
     gpu.add_arguments(p)
     gpu.main(p.parse_args([flag, *rest, *(["--peers"] if args.peers else [])]))

@@ -4,7 +4,7 @@ A sequence's KV lives in fixed-size blocks listed in its block table. A full blo
 under a key chained with its prefix, (key of the previous block, its token ids), so equal keys mean equal whole prefixes
 and a new sequence can take the longest run of cached blocks and prefill only the rest. Blocks nobody references stay
 cached until their slots are needed: never-cached blocks are handed out first, then cached ones, least recently used
-first. Pure bookkeeping in block ids and token ids: the tensors live in paged_cache.PagedKVCache.
+first. Pure bookkeeping in block ids and token ids: the tensors live in kv_cache.PagedKVCache.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """CUDA graphs of the decode step, one per batch-size bucket, so a token costs one graph launch instead of a few hundred
-kernel launches from Python (the runner owns them; see runner.py).
+kernel launches from Python (the runner owns them; see model_runner.py).
 
 A graph reads its inputs from static buffers: token ids and positions (B, 1), the slot each new k/v goes to (B,), block
 tables (B, W) and key counts (B,). `run` copies a step's inputs in, pads the bucket (padding rows write nowhere and

@@ -145,12 +145,19 @@ class RequestFactory:
         return Request(request_id, Sequence(ids, params, state, self.tokenizer, max_new_tokens=params.max_new_tokens))
 
     def check_params(self, params: SamplingParams) -> None:
-        """Token ids below the vocabulary size, strings valid Unicode (raises InvalidRequestError)."""
+        """Token ids below the vocabulary size, strings valid Unicode, and some token left to sample (raises
+        InvalidRequestError)."""
         for name in ("logit_bias", "disallowed_tokens", "allowed_tokens", "stop_token_ids"):
             self._check_ids(f"{name} token ids", list(getattr(params, name) or ()))
         for name in ("stop", "banned_strings", "dry_sequence_breakers"):
             for s in getattr(params, name):
                 _check_text(name, s)
+        if params.allowed_tokens is not None:
+            gone = set(params.disallowed_tokens) | {t for t, b in params.logit_bias.items() if b == float("-inf")}
+            if not set(params.allowed_tokens) - gone:
+                raise InvalidRequestError(
+                    "the sampling constraints leave no token to sample: every allowed_tokens id is disallowed or has "
+                    "a logit_bias of -inf; allow a token that is not excluded")
 
     def _check_ids(self, name: str, ids: list[int]) -> None:
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)

@@ -59,10 +59,8 @@ def copy_bandwidth() -> float:
     return 2 * a.nbytes / statistics.median(times[2:])
 
 
-def build_model(shape: str, quant: str, seed: int = 0):
-    """Random bf16 weights made on the GPU (std 0.02, norms 1), then the runner's GPU preparation with `quant`."""
-    from tokenmill.kernels.gpu.matvec import pdl_supported
-    from tokenmill.model.gpu import prepare_gpu_model
+def random_model(shape: str, seed: int = 0):
+    """The plain Transformer of a shape with random bf16 weights made on the GPU (std 0.02, norms 1)."""
     from tokenmill.model.transformer import Transformer, rope_inv_freq
 
     cfg = ModelConfig(**SHAPES[shape])
@@ -79,8 +77,18 @@ def build_model(shape: str, quant: str, seed: int = 0):
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg).cuda()
-    prepare_gpu_model(model, quant=None if quant == "bf16" else quant, pdl=pdl_supported(torch.device("cuda")))
     return model.eval(), cfg
+
+
+def build_model(shape: str, quant: str, seed: int = 0):
+    """random_model, then the runner's GPU preparation with `quant` (and programmatic dependent launch where the GPU
+    has it, as tokenmill.load does)."""
+    from tokenmill.kernels.gpu.matvec import pdl_supported
+    from tokenmill.model.gpu import prepare_gpu_model
+
+    model, cfg = random_model(shape, seed)
+    prepare_gpu_model(model, quant=None if quant == "bf16" else quant, pdl=pdl_supported(torch.device("cuda")))
+    return model, cfg
 
 
 def bytes_per_step(model: nn.Module, cfg: ModelConfig, batch: int, context: int) -> int:

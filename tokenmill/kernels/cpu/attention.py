@@ -1,9 +1,8 @@
 """Decode attention on the CPU: one query per sequence over its cached keys, read in place through block tables.
 
-Both KV caches call this for their one-token queries: the paged cache with its pool (blocks, bs, KV, D) and block
-tables, the contiguous cache with its (rows, KV, capacity, D) tensor permuted to (rows, capacity, KV, D), one block per
-row. The C++ kernel (csrc/attention.cpp) is used when it built for this CPU (`available`); callers otherwise keep their
-own SDPA path. `reference` is the same computation in plain PyTorch, for the tests.
+The paged KV cache calls this for its one-token queries, with its pool (blocks, bs, KV, D) and block tables. The C++
+kernel (csrc/attention.cpp) is used when it built for this CPU (`available`) and the cache was built to use it; else
+the cache keeps its SDPA path. `reference` is the same computation in plain PyTorch, for the tests.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Attention on the GPU: paged decode attention (Triton) reading the KV pool through block tables, the k/v store into
 the pool, and prefill attention (flash-attn's varlen kernel when installed, else PyTorch SDPA).
 
-Pool layout per layer (paged_cache.py): (num_blocks, block_size, KV, D). Decode (one query per sequence) is split over
+Pool layout per layer (engine/kv_cache.py): (num_blocks, block_size, KV, D). Decode (one query per sequence) is split over
 the keys (flash-decoding): program (b, kv head, split) runs an online softmax over its share of the sequence for the
 H / KV query heads of that kv head, writing (max, sum, acc); a second kernel merges the splits. The number of splits is
 fixed per launch (a CUDA graph replays it at any length), each split's share follows the sequence's length.
@@ -191,7 +191,7 @@ class PagedDecodeView:
         self.cache, self.slots, self.tables, self.lengths, self.splits = cache, slots, tables, lengths, splits
 
     def store_targets(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(k pool, v pool, slots): where the caller may write the new k/v itself (gpu_layers' RoPE does), then
+        """(k pool, v pool, slots): where the caller may write the new k/v itself (fused.rope_qkv does), then
         calling attend with k = v = None."""
         return self.cache.k[layer], self.cache.v[layer], self.slots
 

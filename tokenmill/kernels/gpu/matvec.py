@@ -1,8 +1,8 @@
-"""The decode kernels of `QuantLinear` (gpu_linear.py's layout): up to 64 rows, one fused dequantize-and-multiply pass
+"""The decode kernels of `QuantLinear` (quant_linear.py's layout): up to 64 rows, one fused dequantize-and-multiply pass
 over the weights, split over K so that every shape launches several programs per SM.
 
 Each program takes BN columns and a contiguous run of `per` spans of 256 K and adds its fp32 partial sums atomically
-into a persistent zeroed accumulator, which the consumer reads and zeroes (gpu_layers.py: RoPE, residual + RMSNorm,
+into a persistent zeroed accumulator, which the consumer reads and zeroes (fused.py: RoPE, residual + RMSNorm,
 SiLU-mul), so a split costs no extra launch. With one split the kernel writes the finished product in the output's
 dtype.
 One 4-bit row, bf16 x (`_gemv_w4h_kernel`): packed fp16 pair math in inline PTX, two nibbles per instruction (see
@@ -424,7 +424,7 @@ def config(m: int, n: int, kp: int, bits: int, group: int, sms: int = 132, table
     """Launch config for m rows, n columns, padded K kp. One 4-bit row: ("gemvs", BN, U, warps, programs per SM
     [, PRESUM]) or ("gemvh", BN, U, warps, splits [, PRESUM]) (the packed-half kernel, see `launch` for where it
     applies) or ("gemv", BN, U, warps, splits); else
-    ("mm", BM, BN, DOT (see _mm_kernel), warps, splits). Measured configs (gpu_matvec_table.py) first, else a rule."""
+    ("mm", BM, BN, DOT (see _mm_kernel), warps, splits). Measured configs (matvec_table.py) first, else a rule."""
     table = TABLE if table is None else table
     for mb in (b for b in ROW_BUCKETS if b >= m):  # the nearest measured row count at or above m
         if (mb, n, kp, bits, group) in table:
@@ -465,7 +465,7 @@ _ACCUMULATORS: dict[tuple, torch.Tensor] = {}
 
 def accumulator(rows: int, n: int, device) -> torch.Tensor:
     """(rows, n) fp32 of a persistent zeroed (64, n) buffer that split-K programs add into. Its reader zeroes what it
-    read (gpu_layers' norm and RoPE kernels, `QuantLinear.forward`), so it is zero again for the next product; n
+    read (fused.py's norm and RoPE kernels, `QuantLinear.forward`), so it is zero again for the next product; n
     columns share one buffer, so two products of equal n must not be pending at once (a layer never does that)."""
     buf = _ACCUMULATORS.get((device, n))
     if buf is None:

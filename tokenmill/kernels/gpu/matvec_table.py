@@ -1,6 +1,6 @@
-"""Launch configs of gpu_matvec.py per (rows bucket, N, padded K, bits, group), measured on
+"""Launch configs of matvec.py per (rows bucket, N, padded K, bits, group), measured on
 NVIDIA H100 80GB HBM3 by benchmarks/bench_gpu_kernels.py --write over Llama-3-8B's shapes; other shapes
-take the rule in gpu_matvec.config. GLU_ROWS: up to this many rows down_proj computes silu(gate) * up as it
+take the rule in matvec.config. GLU_ROWS: up to this many rows down_proj computes silu(gate) * up as it
 loads (0: never; the separate SiLU-mul launch measured faster)."""
 
 TABLE = {

@@ -6,7 +6,7 @@ element k = 256 s + 32 j + i; so nibble j of a span's 32 words is one contiguous
 shift and a mask, no reshuffle. 8-bit: `qweight` (N, Kp) int8. `scales` / `zeros` (Kp / group, N): w = q * scale + zero.
 GGUF Q4_0 / Q4_1 / Q4_K repack exactly (fp16 scales for Q4_0/Q4_1, fp32 for Q4_K's 6-bit x fp16 products); Q8_0 too.
 
-Up to DECODE_ROWS rows the fused dequantize-and-multiply kernels of gpu_matvec.py (split over K into an accumulator
+Up to DECODE_ROWS rows the fused dequantize-and-multiply kernels of matvec.py (split over K into an accumulator
 that the consumer reads and zeroes: `QuantLinear.product`); more rows (prefill) dequantize to x's dtype (bf16 or
 fp32) and call cuBLAS.
 `reference()` is the plain PyTorch product.
@@ -24,7 +24,7 @@ import triton.language as tl
 from tokenmill.kernels.gpu import matvec as matvec
 from tokenmill.kernels.gpu.matvec import SPAN, nibble_f32, sm_count
 
-DECODE_ROWS = 64  # up to this many rows the fused kernels (gpu_matvec.py), above it dequantize + cuBLAS
+DECODE_ROWS = 64  # up to this many rows the fused kernels (matvec.py), above it dequantize + cuBLAS
 
 
 @triton.jit
@@ -80,7 +80,7 @@ class QuantLinear(nn.Module):
     def product(self, x: torch.Tensor, glu: bool = False, config: tuple | None = None, split: bool = True
                  ) -> torch.Tensor:
         """x (M, K) -> x @ W.T + bias (M, N): in x's dtype, or, split over K, the fp32 accumulator that the reader
-        must zero (`gpu_matvec.pending`; never so when not split). glu: x is gate | up (M, 2K), the input
+        must zero (`matvec.pending`; never so when not split). glu: x is gate | up (M, 2K), the input
         silu(gate) * up."""
         if x.stride(-1) != 1:
             x = x.contiguous()
