@@ -90,7 +90,7 @@ class LLM:
     def stream(self, prompt: Prompt, sampling: SamplingParams | None = None, *, chat: bool = False,
                **overrides) -> TextStream:
         """Generate for one prompt, yielding text as it becomes final. Keyword overrides are SamplingParams fields."""
-        return TextStream(self, self._submit([prompt], [_params(sampling, overrides)], chat)[0])
+        return TextStream(self, self._submit([prompt], _params(sampling, overrides), chat)[0])
 
     def generate(self, prompts: Prompt | Seq[Prompt], sampling: SamplingParams | Seq[SamplingParams] | None = None, *,
                  chat: bool = False, **overrides) -> Completion | list[Completion]:
@@ -101,11 +101,9 @@ class LLM:
         batch = [prompts] if single else list(prompts)
         if not batch:
             raise InvalidRequestError("no prompts given; pass a string or a non-empty list of strings")
-        per = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(batch)
-        if len(per) != len(batch):
-            raise InvalidRequestError(f"got {len(per)} SamplingParams for {len(batch)} prompts; give one or one per "
-                                      "prompt")
-        streams = [TextStream(self, rid) for rid in self._submit(batch, [_params(p, overrides) for p in per], chat)]
+        params = ([_params(p, overrides) for p in sampling] if isinstance(sampling, (list, tuple))
+                  else _params(sampling, overrides))
+        streams = [TextStream(self, rid) for rid in self._submit(batch, params, chat)]
         try:
             for s in streams:
                 for _ in s:
@@ -128,7 +126,7 @@ class LLM:
         return self.runner.score(ids)
 
     # -- this LLM's requests on its engine --
-    def _submit(self, prompts: list[Prompt], params: list[SamplingParams], chat: bool) -> list[str]:
+    def _submit(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams], chat: bool) -> list[str]:
         ids = self.engine.submit(prompts, params, chat=chat)
         for rid in ids:
             self._outputs[rid] = deque()
