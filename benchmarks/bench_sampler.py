@@ -17,7 +17,6 @@ import time
 
 import torch
 
-import tokenmill.sampling.sampler
 from tokenmill.sampling.sampler import Sampler, SeqSamplingState
 from tokenmill.sampling.params import SamplingParams
 
@@ -67,13 +66,14 @@ def model_steps(device: str, steps: int, clock) -> tuple[dict[int, float], dict[
     return times, logits
 
 
-def bench(cfg: dict, logits: list[torch.Tensor], device: str, history: int, seeded: bool, iters: int, clock) -> float:
+def bench(cfg: dict, logits: list[torch.Tensor], device: str, history: int, seeded: bool, iters: int, clock,
+          kernels: str) -> float:
     B, V = logits[0].shape
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, V, (history,), generator=g).tolist()
     seqs = [SeqSamplingState.new(SamplingParams(**{**cfg, "seed": i if seeded else None}), prompt, device, eos_ids=[2])
             for i in range(B)]
-    sampler = Sampler(V)
+    sampler = Sampler(V, kernels=kernels)
     ts = []
     for k in range(3 + iters):
         _sync(device)
@@ -101,8 +101,7 @@ def main():
         ap.error("--clock cpu counts one thread: it needs --threads 1 and --device cpu")
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
-    if args.torch_sampler:
-        tokenmill.sampling.sampler._kernels = lambda: None
+    kernels = "torch" if args.torch_sampler else "auto"
     if args.synthetic:
         g = torch.Generator().manual_seed(0)
         step_ms = None
@@ -112,13 +111,14 @@ def main():
     V = logits[1][0].shape[-1]
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, V {V}, "
           f"history {args.history} tokens, {'synthetic' if args.synthetic else 'model'} logits, sampler "
-          f"{'PyTorch only' if tokenmill.sampling.sampler._kernels() is None else 'with C++ kernels'}; median {args.clock} ms "
+          f"{'PyTorch only' if Sampler(V, kernels=kernels).ops is None else 'with C++ kernels'}; median {args.clock} ms "
           f"per call")
     if step_ms:
         print(f"  {'model decode step':26s}          " + "  ".join(f"B={B}: {step_ms[B]:7.1f}" for B in BATCHES))
     for name, cfg in CONFIGS.items():
         for seeded in (False, True) if args.seeded else (False,):
-            ms = {B: bench(cfg, logits[B], args.device, args.history, seeded, args.iters, clock) for B in BATCHES}
+            ms = {B: bench(cfg, logits[B], args.device, args.history, seeded, args.iters, clock, kernels)
+                  for B in BATCHES}
             share = lambda B: f" ({ms[B] / step_ms[B]:5.1%})" if step_ms else ""
             print(f"  {name:26s} {'seeded' if seeded else '':8s} "
                   + "  ".join(f"B={B}: {ms[B]:7.2f}{share(B)}" for B in BATCHES))

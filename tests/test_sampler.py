@@ -8,8 +8,12 @@ import pytest
 import torch
 
 from tokenmill.errors import InvalidRequestError
-import tokenmill.sampling.sampler as sampler_module
-from tokenmill.sampling.sampler import DRY_MAX_MATCH, Sampler, SeqSamplingState, dry_breaker_ids
+from tokenmill.kernels.cpu.extension import ops
+from tokenmill.sampling.candidates import TIERS, block_max, gather, masses
+from tokenmill.sampling.draw import block_argmax, inverse_cdf
+from tokenmill.sampling.filters import sort_cpu
+from tokenmill.sampling.penalties import DRY_MAX_MATCH
+from tokenmill.sampling.sampler import Sampler, SeqSamplingState, dry_breaker_ids
 from tokenmill.sampling.params import PRESETS, SamplingParams as P
 
 NEG = -np.inf
@@ -318,9 +322,7 @@ def test_dry_penalises_the_planted_repeat():
 
 
 @pytest.mark.parametrize("sparse", [True, False])  # the CPU compares only the likely positions; others all
-def test_dry_random_histories_vs_reference(monkeypatch, sparse):
-    if not sparse:
-        monkeypatch.setattr(sampler_module, "CPU_DEVICES", ())
+def test_dry_random_histories_vs_reference(sparse):
     rng = np.random.default_rng(4)
     v = 12  # small vocab: many accidental repeats
     params = [P(dry_multiplier=0.5, dry_allowed_length=a, dry_range=r, dry_base=b)
@@ -329,7 +331,8 @@ def test_dry_random_histories_vs_reference(monkeypatch, sparse):
     outputs = [list(rng.integers(0, v, n)) for n in (5, 40, 70, 3, 50, 90)]
     breakers = frozenset({0, 1})
     logits = rng.normal(0, 1, (len(params), v))
-    probs = Sampler(v).probs(torch.tensor(logits, dtype=torch.float32), states(params, prompt, outputs, (), breakers))
+    probs = Sampler(v, cpu_paths=sparse).probs(torch.tensor(logits, dtype=torch.float32),
+                                               states(params, prompt, outputs, (), breakers))
     assert_rows(probs, [ref_probs(logits[i], p, prompt, outputs[i], (), breakers) for i, p in enumerate(params)], 1e-4)
 
 
@@ -347,9 +350,7 @@ def wilson_hilferty_999(df):
 
 @pytest.mark.parametrize("cpu_paths", [True, False])  # False: the draw other devices use
 @pytest.mark.parametrize("seeded", [False, True])
-def test_draws_follow_the_filtered_distribution(monkeypatch, seeded, cpu_paths):
-    if not cpu_paths:
-        monkeypatch.setattr(sampler_module, "CPU_DEVICES", ())
+def test_draws_follow_the_filtered_distribution(seeded, cpu_paths):
     torch.manual_seed(0)
     rng = np.random.default_rng(5)
     v, n = 48, 20000
@@ -358,7 +359,7 @@ def test_draws_follow_the_filtered_distribution(monkeypatch, seeded, cpu_paths):
     ref = ref_probs(logits, p)
     kept = np.flatnonzero(ref > 0)
     params = [P(temperature=0.7, top_k=9, top_p=0.95, seed=i if seeded else None) for i in range(n)]
-    out = Sampler(v)(torch.tensor(np.tile(logits, (n, 1)), dtype=torch.float32), states(params))
+    out = Sampler(v, cpu_paths=cpu_paths)(torch.tensor(np.tile(logits, (n, 1)), dtype=torch.float32), states(params))
     counts = np.bincount(out.tokens.numpy(), minlength=v)
     assert counts[ref == 0].sum() == 0, "drew a filtered-out token"
     expected = ref[kept] * n
@@ -369,10 +370,8 @@ def test_draws_follow_the_filtered_distribution(monkeypatch, seeded, cpu_paths):
 
 
 @pytest.mark.parametrize("cpu_paths", [True, False])
-def test_unfiltered_draws_follow_the_distribution(monkeypatch, cpu_paths):
+def test_unfiltered_draws_follow_the_distribution(cpu_paths):
     # the whole vocabulary: on the CPU an inverse cdf through blocks of 32 tokens, two of them all zero here
-    if not cpu_paths:
-        monkeypatch.setattr(sampler_module, "CPU_DEVICES", ())
     torch.manual_seed(3)
     rng = np.random.default_rng(12)
     v, n = 128, 30000
@@ -382,7 +381,7 @@ def test_unfiltered_draws_follow_the_distribution(monkeypatch, cpu_paths):
     logits[[40, 101]] = 0.5, 1.0  # alone in their blocks
     p = P(temperature=0.9)
     ref = ref_probs(logits, p)
-    out = Sampler(v)(torch.tensor(np.tile(logits, (n, 1)), dtype=torch.float32), states([p] * n))
+    out = Sampler(v, cpu_paths=cpu_paths)(torch.tensor(np.tile(logits, (n, 1)), dtype=torch.float32), states([p] * n))
     counts = np.bincount(out.tokens.numpy(), minlength=v)
     assert counts[ref == 0].sum() == 0, "drew an impossible token"
     kept = np.flatnonzero(ref * n >= 5)
@@ -391,14 +390,12 @@ def test_unfiltered_draws_follow_the_distribution(monkeypatch, cpu_paths):
 
 
 @pytest.mark.parametrize("cpu_paths", [True, False])
-def test_a_row_with_nothing_left_still_returns_a_token(monkeypatch, cpu_paths):
-    if not cpu_paths:
-        monkeypatch.setattr(sampler_module, "CPU_DEVICES", ())
+def test_a_row_with_nothing_left_still_returns_a_token(cpu_paths):
     logits = torch.zeros(3, 64)
     logits[:, 5] = 8.0  # p = 0.98
     ss = states([P(allowed_tokens=[7]), P(top_k=5, allowed_tokens=[7]), P(top_p=0.5)])
     ss[0].banned_now = ss[1].banned_now = {7}  # every token is -inf in rows 0 and 1
-    tokens = Sampler(64)(logits, ss).tokens.tolist()
+    tokens = Sampler(64, cpu_paths=cpu_paths)(logits, ss).tokens.tolist()
     assert all(0 <= t < 64 for t in tokens) and tokens[2] == 5
 
 
@@ -461,11 +458,13 @@ def test_sampled_logprobs_are_of_the_final_distribution():
     np.testing.assert_allclose(np.exp(out.top_logprobs[0].double().numpy()), np.sort(ref0)[::-1][:6], atol=1e-5)
 
 
-def run_steps(sampler, logits_per_step, ss, rows=None, device="cpu"):
+def run_steps(sampler, logits_per_step, ss, rows=None, device="cpu", routes=None):
     got = []
     for step_logits in logits_per_step:
         step_logits = step_logits.to(device)
         tok = sampler(step_logits if rows is None else step_logits[rows], ss).tokens.tolist()
+        if routes is not None and sampler.trace.routes:  # each step's candidate groups' rows, and rows left over
+            routes.append(sampler.trace.routes)
         for s, t in zip(ss, tok):
             s.output_ids.append(t)
         got.append(tok)
@@ -615,11 +614,11 @@ def test_plan_is_reused_for_the_same_seqs():
     sampler = Sampler(20)
     ss = states([P(top_k=3), P()])
     sampler(torch.zeros(2, 20), ss)
-    plan = sampler._plan
+    plan = sampler._meta
     sampler(torch.zeros(2, 20), list(ss))
-    assert sampler._plan is plan
+    assert sampler._meta is plan
     sampler(torch.zeros(2, 20), ss[::-1])
-    assert sampler._plan is not plan
+    assert sampler._meta is not plan
 
 
 def test_logit_bias_out_of_vocab_is_rejected():
@@ -642,28 +641,19 @@ CANDIDATE_BATCH = [
 SMALL_TIERS = ((4, 6, 0.0, 200), (4, 40, 2.0, 600))  # V = 1000: 250 blocks, so the bounds cut and some rows fall back
 
 
-@pytest.fixture
-def routes(monkeypatch):
-    """Small candidate tiers, and a record of which rows each call put in candidate groups and which it left over."""
-    monkeypatch.setattr(sampler_module, "_TIERS", SMALL_TIERS)
-    seen = []
-    real = sampler_module._candidate_groups
-
-    def spy(*args):
-        groups, rest = real(*args)
-        seen.append(([g.rows for g in groups], rest))
-        return groups, rest
-
-    monkeypatch.setattr(sampler_module, "_candidate_groups", spy)
-    return seen
+def small_tiers_sampler(v):
+    """A sampler with small candidate tiers; its trace.routes: which rows the last call put in candidate groups and
+    which it left over."""
+    return Sampler(v, tiers=SMALL_TIERS)
 
 
-def test_candidate_space_matches_reference_and_falls_back(routes):
+def test_candidate_space_matches_reference_and_falls_back():
     rng = np.random.default_rng(20)
     logits = tie_logits(rng, len(CANDIDATE_BATCH), 1000)  # ties everywhere, a few -inf per row
-    probs = Sampler(1000).probs(torch.tensor(logits, dtype=torch.float32), states(CANDIDATE_BATCH))
+    sampler = small_tiers_sampler(1000)
+    probs = sampler.probs(torch.tensor(logits, dtype=torch.float32), states(CANDIDATE_BATCH))
     assert_rows(probs, [ref_probs(logits[i], p, mu=2 * p.mirostat_tau) for i, p in enumerate(CANDIDATE_BATCH)])
-    (groups, rest), = routes
+    groups, rest = sampler.trace.routes
     assert groups[0][:3] == [0, 1, 2] and groups[1] == [3, 22]  # top_p 0.6 and 0.97 needed the second tier's margin
     # top_p 0.97 at T 1 spreads over too many tokens, so does min_p 0.01 at T 1.5, and typical 0.3 over this flat a
     # row; tfs first and no filter (rows 11, 12) always use the full vocabulary. Row 21 takes min_p's bound instead of
@@ -672,64 +662,65 @@ def test_candidate_space_matches_reference_and_falls_back(routes):
     assert 21 in groups[0] and {19, 23, 24} <= set(groups[0])  # smoothed in candidate space (not 20: top_p first)
 
 
-def test_candidate_space_typical_first_uses_the_whole_entropy(routes):
+def test_candidate_space_typical_first_uses_the_whole_entropy():
     rng = np.random.default_rng(21)
     logits = tie_logits(rng, 3, 1000) * 4  # peaked: the typical set lies among the top tokens
     params = [P(typical_p=0.5), P(typical_p=0.2, temperature=2.0), P(typical_p=0.9, top_a=0.01)]
-    probs = Sampler(1000).probs(torch.tensor(logits, dtype=torch.float32), states(params))
+    sampler = small_tiers_sampler(1000)
+    probs = sampler.probs(torch.tensor(logits, dtype=torch.float32), states(params))
     assert_rows(probs, [ref_probs(logits[i], p) for i, p in enumerate(params)])
-    (groups, rest), = routes
+    groups, rest = sampler.trace.routes
     assert sorted(sum(groups, [])) == [0, 1, 2] and rest == []
 
 
 @pytest.mark.parametrize("cpu_paths", [True, False])
-def test_smoothing_in_candidate_space(monkeypatch, cpu_paths):
-    if not cpu_paths:
-        monkeypatch.setattr(sampler_module, "CPU_DEVICES", ())
-    widths = []
-    real = sampler_module._smooth_
-    monkeypatch.setattr(sampler_module, "_smooth_", lambda x, *a: widths.append(x.shape[-1]) or real(x, *a))
+def test_smoothing_in_candidate_space(cpu_paths):
     rng = np.random.default_rng(28)
     logits = tie_logits(rng, 3, 1000)
     params = [P(smoothing_factor=0.3, top_k=15, temperature=1.6), P(smoothing_factor=0.4, min_p=0.1, temperature=0.7),
               P(smoothing_factor=2.0, min_p=0.3, temperature=0.5)]
-    probs = Sampler(1000).probs(torch.tensor(logits, dtype=torch.float32), states(params))
+    sampler = Sampler(1000, cpu_paths=cpu_paths)
+    probs = sampler.probs(torch.tensor(logits, dtype=torch.float32), states(params))
+    widths = sampler.trace.smoothed
     assert_rows(probs, [ref_probs(logits[i], p) for i, p in enumerate(params)])
     assert widths and (max(widths) < 1000 if cpu_paths else widths == [1000])  # candidates only, or every token
     # a row with too many candidates falls back to the full space, and is smoothed there
-    monkeypatch.setattr(sampler_module, "_TIERS", SMALL_TIERS)
     params.append(P(smoothing_factor=0.01, min_p=0.001, temperature=0.9))
     logits = tie_logits(rng, 4, 1000)
-    widths.clear()
-    probs = Sampler(1000).probs(torch.tensor(logits, dtype=torch.float32), states(params))
+    sampler = Sampler(1000, cpu_paths=cpu_paths, tiers=SMALL_TIERS)
+    probs = sampler.probs(torch.tensor(logits, dtype=torch.float32), states(params))
+    widths = sampler.trace.smoothed
     assert_rows(probs, [ref_probs(logits[i], p) for i, p in enumerate(params)])
     assert 1000 in widths
 
 
-def test_candidate_space_keeps_ties_at_the_bound(routes):
+def test_candidate_space_keeps_ties_at_the_bound():
     v = 512
     logits = np.full((4, v), -5.0)
     logits[:, [7, 301]] = 3.0
     logits[:, 11::17] = 1.0  # 30 tokens tied for 3rd place, one or none per block of 4
     params = [P(top_k=5), P(top_p=0.5), P(top_k=3, top_p=0.99), P(min_p=0.13)]
-    probs = Sampler(v).probs(torch.tensor(logits, dtype=torch.float32), states(params))
+    sampler = small_tiers_sampler(v)
+    probs = sampler.probs(torch.tensor(logits, dtype=torch.float32), states(params))
     refs = [ref_probs(logits[i], p) for i, p in enumerate(params)]
     assert_rows(probs, refs)
     assert [(r > 0).sum() for r in refs] == [32, 32, 32, 32]  # the whole tie group, although top_k is 5
-    assert routes == [([[0, 1, 2, 3]], [])]
+    assert sampler.trace.routes == ([[0, 1, 2, 3]], [])
 
 
-def test_candidate_space_with_mostly_infinite_rows(routes):
+def test_candidate_space_with_mostly_infinite_rows():
     rng = np.random.default_rng(22)
     v = 1000
     logits = rng.normal(0, 2, (5, v))
     logits[:, 100:900] = NEG  # 200 whole blocks of -inf
     params = [P(top_k=50, allowed_tokens=[5, 17, 400, 650, 999]), P(top_p=0.9, allowed_tokens=[3, 950]),
               P(min_p=0.3, disallowed_tokens=list(range(0, 100))), P(top_k=300), P(typical_p=0.5, top_k=400)]
-    probs = Sampler(v).probs(torch.tensor(logits, dtype=torch.float32), states(params))
+    sampler = small_tiers_sampler(v)
+    probs = sampler.probs(torch.tensor(logits, dtype=torch.float32), states(params))
     assert_rows(probs, [ref_probs(logits[i], p) for i, p in enumerate(params)])
     assert (probs[0] > 0).sum() == 3 and set(probs[1].nonzero().flatten().tolist()) <= {3, 950}  # 400, 650: -inf
-    assert routes == [([[0, 1, 2, 3, 4]], [])]  # top_k 300 > 200 finite tokens: every finite token is a candidate
+    # top_k 300 > 200 finite tokens: every finite token is a candidate
+    assert sampler.trace.routes == ([[0, 1, 2, 3, 4]], [])
 
 
 def random_params(rng):
@@ -746,54 +737,55 @@ def random_params(rng):
     return P(**d)
 
 
-def test_random_batches_in_candidate_space_match_reference(monkeypatch):
+def test_random_batches_in_candidate_space_match_reference():
     rng = np.random.default_rng(29)
     for trial in range(20):
         first = (4, int(rng.integers(2, 10)), float(rng.choice([0.0, 0.5, 2.0])), int(rng.integers(20, 300)))
-        monkeypatch.setattr(sampler_module, "_TIERS", (first, (4, 40, 4.0, 600), (4, 1 << 30, 40.0, 2000)))
+        tiers = (first, (4, 40, 4.0, 600), (4, 1 << 30, 40.0, 2000))
         v = int(rng.choice([64, 300, 1003]))
         params = [random_params(rng) for _ in range(int(rng.integers(1, 8)))]
         logits = tie_logits(rng, len(params), v) * rng.choice([1, 3])
-        probs = Sampler(v).probs(torch.tensor(logits, dtype=torch.float32), states(params))
+        probs = Sampler(v, tiers=tiers).probs(torch.tensor(logits, dtype=torch.float32), states(params))
         assert_rows(probs, [ref_probs(logits[i], p, mu=2 * p.mirostat_tau) for i, p in enumerate(params)])
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_full_space_path_matches_reference(monkeypatch, device):
+def test_full_space_path_matches_reference(device):
     # the path other devices take (and CPU rows that fall back), for every kind of row
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    monkeypatch.setattr(sampler_module, "CPU_DEVICES", ())
-    monkeypatch.setattr(sampler_module, "_candidate_groups", None)  # never called
     rng = np.random.default_rng(23)
     logits = tie_logits(rng, len(CANDIDATE_BATCH), 300)
-    probs = Sampler(300).probs(torch.tensor(logits, dtype=torch.float32, device=device),
-                               states(CANDIDATE_BATCH, device=device))
+    sampler = Sampler(300, cpu_paths=False)
+    probs = sampler.probs(torch.tensor(logits, dtype=torch.float32, device=device),
+                          states(CANDIDATE_BATCH, device=device))
+    assert sampler.trace.routes is None  # candidate space never ran
     assert_rows(probs.cpu(), [ref_probs(logits[i], p, mu=2 * p.mirostat_tau) for i, p in enumerate(CANDIDATE_BATCH)])
 
 
-def test_seeded_rows_reproduce_across_candidate_groups(routes):
+def test_seeded_rows_reproduce_across_candidate_groups():
     rng = np.random.default_rng(24)
     v, steps = 1000, 12
     target = P(seed=99, top_p=0.6, temperature=1.1, xtc_probability=0.5, xtc_threshold=0.02, skew=0.4)
     others = [P(top_k=100), P(top_p=0.97, seed=3), P(), P(min_p=0.05, seed=4)]  # wider and fallback rows
     logits = [torch.tensor(rng.normal(0, 2, (5, v)), dtype=torch.float32) for _ in range(steps)]
-    alone = run_steps(Sampler(v), logits, states([target], [1, 2, 3]), [2])
-    batched = run_steps(Sampler(v), logits, states(others[:2] + [target] + others[2:], [1, 2, 3]))
+    routes = []
+    alone = run_steps(small_tiers_sampler(v), logits, states([target], [1, 2, 3]), [2])
+    batched = run_steps(small_tiers_sampler(v), logits, states(others[:2] + [target] + others[2:], [1, 2, 3]),
+                        routes=routes)
     assert [t[0] for t in alone] == [t[2] for t in batched]
     assert len({t[0] for t in alone}) > 3
     assert any(2 in sum(groups, []) for groups, _ in routes) and any(1 in rest for _, rest in routes)
 
 
 @pytest.mark.parametrize("kernels", [False, True])
-def test_sampler_buffers_are_reused_and_the_logits_left_unchanged(monkeypatch, kernels):
+def test_sampler_buffers_are_reused_and_the_logits_left_unchanged(kernels):
     if kernels:
         kernel_or_skip()
-    else:
-        monkeypatch.setattr(sampler_module, "_kernels", lambda: None)
+    choice = "auto" if kernels else "torch"
     rng = np.random.default_rng(25)
     v = 1 << 14  # long enough for the history's edits to go into the caller's logits (and be undone)
-    sampler = Sampler(v - 2)  # a padded head: two columns set to -inf, and put back
+    sampler = Sampler(v - 2, kernels=choice)  # a padded head: two columns set to -inf, and put back
     for b in (2, 6, 3):
         params = [P(repetition_penalty=1.3, repetition_range=5, repetition_decay=2, frequency_penalty=0.2,
                     dry_multiplier=0.5, dry_allowed_length=1, seed=i, logit_bias={3: 2.0}, disallowed_tokens=[4],
@@ -802,18 +794,18 @@ def test_sampler_buffers_are_reused_and_the_logits_left_unchanged(monkeypatch, k
         logits = torch.tensor(rng.normal(0, 1, (b, v)), dtype=torch.float32)
         before = logits.clone()
         if b == 3:  # the owners map's stamp wraps around: the map is cleared
-            sampler._stamp = 2 ** 31 - 10
+            sampler._owners.stamp = 2 ** 31 - 10
         ss = states(params, prompt, outputs, eos=[7])
         ss[0].banned_now.add(9)
         got = sampler.probs(logits, ss)
         torch.testing.assert_close(logits, before, rtol=0, atol=0)
         ss = states(params, prompt, outputs, eos=[7])
         ss[0].banned_now.add(9)
-        torch.testing.assert_close(got, Sampler(v - 2).probs(logits, ss), rtol=0, atol=0)
+        torch.testing.assert_close(got, Sampler(v - 2, kernels=choice).probs(logits, ss), rtol=0, atol=0)
         sampler(logits, ss)
         torch.testing.assert_close(logits, before, rtol=0, atol=0)
     if not kernels:  # the kernel's penalties need no owners map
-        assert sampler._buffers["owners"].shape[0] == 6 and sampler._stamp < 2 ** 20
+        assert sampler._owners.map.shape[0] == 6 and sampler._owners.stamp < 2 ** 20
     assert "x" not in sampler._buffers  # the caller's logits served as the working tensor
 
 
@@ -838,7 +830,7 @@ def test_argmax_takes_the_first_maximum():
         x[0, :] = NEG
         x[1, -1] = 99.0
         x[2, [3, v - 1]] = 99.0
-        assert torch.equal(sampler_module._argmax(x), x.argmax(-1))
+        assert torch.equal(block_argmax(x), x.argmax(-1))
 
 
 @pytest.mark.parametrize("descending", [True, False])
@@ -848,10 +840,10 @@ def test_sort_is_stable_and_matches_torch(descending):
     x[0, :5], x[1, 7], x[2, 9] = NEG, -0.0, np.inf
     x[3] = 0.0
     ids = torch.tensor(rng.integers(0, 2 ** 31 - 1, x.shape)).sort(-1).values  # ascending, as the candidates' ids
-    values, got = sampler_module._sort(x, descending, ids)
+    values, got = sort_cpu(x, descending, ids)
     want_values, order = x.sort(dim=-1, descending=descending, stable=True)
     assert torch.equal(values, want_values) and torch.equal(got, ids.gather(1, order))
-    assert torch.equal(sampler_module._sort(x, descending)[1], order)
+    assert torch.equal(sort_cpu(x, descending)[1], order)
 
 
 # ---------------------------------------------------------------- C++ kernels (csrc/sampler.cpp) vs the PyTorch path
@@ -861,13 +853,13 @@ def kernel_or_skip():
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)
-    lib = sampler_module._kernels()
+    lib = ops("sampler")
     assert lib is not None, "csrc/sampler.cpp did not build"
     return lib
 
 
 @pytest.mark.parametrize("v, G", [(1000, 4), (1003, 32), (4096, 32), (4096, 64)])
-def test_kernels_match_the_torch_path(monkeypatch, v, G):
+def test_kernels_match_the_torch_path(v, G):
     lib = kernel_or_skip()
     rng = np.random.default_rng(32)
     x = torch.tensor(tie_logits(rng, 12, v, n_inf=30), dtype=torch.float32)  # ties everywhere, -inf in places
@@ -876,13 +868,10 @@ def test_kernels_match_the_torch_path(monkeypatch, v, G):
     x[2, 5] = -0.0
     x[3, :] = 1.5  # one value throughout
     rows = [0, 1, 2, 3, 5, 7, 8, 11]
-    torch_path = lambda: monkeypatch.setattr(sampler_module, "_kernels", lambda: None)
-    kernel_path = lambda: monkeypatch.setattr(sampler_module, "_kernels", lambda: lib)
+    paths = (None, lib)  # the PyTorch path, the kernels
 
-    torch_path()
-    blocks = sampler_module._blocks(x, G, torch.amax)
-    kernel_path()
-    assert torch.equal(sampler_module._blocks(x, G, torch.amax), blocks)
+    blocks = block_max(x, G)
+    assert torch.equal(block_max(x, G, lib), blocks)
 
     bm = blocks[rows]
     top = bm[:, :1].clone()
@@ -890,9 +879,8 @@ def test_kernels_match_the_torch_path(monkeypatch, v, G):
     top[1:] = bm[1:].amax(-1, keepdim=True)
     t = torch.tensor([[1.0], [0.7], [1.0], [2.0], [1.0], [1.3], [1.0], [0.5]])
     want = [None, None]
-    for k, path in enumerate((torch_path, kernel_path)):
-        path()
-        want[k] = sampler_module._masses(x, rows, top, t, G, True, torch.empty(8, v))
+    for k, path in enumerate(paths):
+        want[k] = masses(x, rows, top, t, G, True, torch.empty(8, v), path)
     torch.testing.assert_close(want[1][0], want[0][0], rtol=1e-5, atol=1e-30)
     torch.testing.assert_close(want[1][1], want[0][1], rtol=1e-4, atol=1e-5, equal_nan=True)
     # block maxima, masses and entropy in one pass, from each row's own maximum (rows 1.. : row 0's is -inf)
@@ -900,8 +888,7 @@ def test_kernels_match_the_torch_path(monkeypatch, v, G):
     got_blocks, got_mass, got_h = lib.block_masses(x, t_all, G, True)
     assert torch.equal(got_blocks, blocks) and not got_mass[[4, 6, 9, 10]].any()
     top = bm.amax(-1, keepdim=True)
-    torch_path()
-    mass, h = sampler_module._masses(x, rows[1:], top[1:], t[1:], G, True, torch.empty(8, v))
+    mass, h = masses(x, rows[1:], top[1:], t[1:], G, True, torch.empty(8, v))
     torch.testing.assert_close(got_mass[rows[1:]], mass, rtol=1e-5, atol=1e-30)
     torch.testing.assert_close(got_h[rows[1:]], h, rtol=1e-4, atol=1e-5)
     assert got_mass[0].isnan().all()  # as torch's: -inf - -inf
@@ -909,9 +896,8 @@ def test_kernels_match_the_torch_path(monkeypatch, v, G):
     for tau, cap in (([NEG, 2.0, -0.0, 1.5, 3.25, 2.5, 4.0, 1.0], v), ([0.0] * 8, 300), ([9.0] * 8, v)):
         tau = torch.tensor(tau)
         out = [None, None]
-        for k, path in enumerate((torch_path, kernel_path)):
-            path()
-            out[k] = sampler_module._gather(x, rows, bm, tau, G, cap)
+        for k, path in enumerate(paths):
+            out[k] = gather(x, rows, bm, tau, G, cap, path)
         (want_classes, want_counts), (got_classes, got_counts) = out
         assert [min(c, cap + 1) for c in want_counts] == got_counts
         assert len(got_classes) == len(want_classes)
@@ -919,17 +905,15 @@ def test_kernels_match_the_torch_path(monkeypatch, v, G):
             assert sel == sel_w and torch.equal(vals, vals_w) and torch.equal(ids, ids_w)
 
 
-def test_sampler_with_and_without_kernels(monkeypatch):
-    lib = kernel_or_skip()
+def test_sampler_with_and_without_kernels():
+    kernel_or_skip()
     rng = np.random.default_rng(33)
-    default_tiers = sampler_module._TIERS
+    default_tiers = TIERS
     for v, tiers in ((1000, SMALL_TIERS), (4096, default_tiers)):  # G = 4, and the default tiers' G = 32
-        monkeypatch.setattr(sampler_module, "_TIERS", tiers)
         logits = torch.tensor(tie_logits(rng, len(CANDIDATE_BATCH), v) * 2, dtype=torch.float32)
         probs = []
-        for kernels in (None, lib):
-            monkeypatch.setattr(sampler_module, "_kernels", lambda: kernels)
-            probs.append(Sampler(v).probs(logits, states(CANDIDATE_BATCH)))
+        for kernels in ("torch", "auto"):
+            probs.append(Sampler(v, kernels=kernels, tiers=tiers).probs(logits, states(CANDIDATE_BATCH)))
         torch.testing.assert_close(probs[1], probs[0], rtol=1e-4, atol=1e-6)
     # penalties over a window long enough for the copy (the kernel's penalties), DRY, bias and bans after them
     v = 4096
@@ -944,9 +928,8 @@ def test_sampler_with_and_without_kernels(monkeypatch):
     padded[:, -5:] = 50.0  # the block maxima must not keep these
     for vocab, lg in ((v - 5, padded), (v, logits)):  # a padded head too: its columns set to -inf
         probs = []
-        for kernels in (None, lib):
-            monkeypatch.setattr(sampler_module, "_kernels", lambda: kernels)
-            probs.append(Sampler(vocab).probs(lg, states(params, prompt, outputs)))
+        for kernels in ("torch", "auto"):
+            probs.append(Sampler(vocab, kernels=kernels).probs(lg, states(params, prompt, outputs)))
         torch.testing.assert_close(probs[1], probs[0], rtol=1e-4, atol=1e-6)
     assert_rows(probs[1], [ref_probs(logits[i].numpy(), p, prompt, outputs[i]) for i, p in enumerate(params)])
 
@@ -957,7 +940,7 @@ def test_inverse_cdf_draws_only_positive_probabilities_in_proportion():
     p = torch.zeros(v)
     p[[0, 31, 32, 100, 101, 223, 255]] = torch.tensor([0.1, 0.25, 0.05, 0.2, 0.15, 0.05, 0.2])  # block 7 all zero
     probs = p.repeat(n, 1)
-    cols = sampler_module._inverse_cdf(probs, torch.rand(n, 1))
+    cols = inverse_cdf(probs, torch.rand(n, 1))
     counts = np.bincount(cols.numpy(), minlength=v)
     kept = np.flatnonzero(p.numpy() > 0)
     assert counts[p.numpy() == 0].sum() == 0
@@ -965,21 +948,22 @@ def test_inverse_cdf_draws_only_positive_probabilities_in_proportion():
     chi2 = ((counts[kept] - expected) ** 2 / expected).sum()
     assert chi2 < wilson_hilferty_999(len(kept) - 1)
     # the ends of [0, 1) land on the first and the last token with mass
-    edges = sampler_module._inverse_cdf(probs[:2], torch.tensor([[0.0], [1.0 - 2 ** -24]]))
+    edges = inverse_cdf(probs[:2], torch.tensor([[0.0], [1.0 - 2 ** -24]]))
     assert edges.tolist() == [0, 255]
 
 
-def test_top_logprobs_beyond_the_candidates(routes):
+def test_top_logprobs_beyond_the_candidates():
     rng = np.random.default_rng(27)
     v = 1000
     logits = rng.normal(0, 2, (2, v))
     params = [P(top_k=2, logprobs=True, top_logprobs=6, seed=1), P(top_k=3, logprobs=True, seed=2)]
-    out = Sampler(v)(torch.tensor(logits, dtype=torch.float32), states(params))
+    sampler = small_tiers_sampler(v)
+    out = sampler(torch.tensor(logits, dtype=torch.float32), states(params))
     ref = ref_probs(logits[0], params[0])
     np.testing.assert_allclose(np.exp(out.top_logprobs[0, :2].double().numpy()), np.sort(ref)[::-1][:2], atol=1e-6)
     assert out.top_ids[0, :2].tolist() == np.argsort(-ref)[:2].tolist()
     assert torch.isneginf(out.top_logprobs[0, 2:]).all() and len(set(out.top_ids[0].tolist())) == 6
-    assert routes and routes[0][1] == []
+    assert sampler.trace.routes and sampler.trace.routes[1] == []
 
 
 # ---------------------------------------------------------------- SamplingParams
