@@ -142,7 +142,7 @@ class BlockLinear(nn.Module):
         self.register_buffer("packed", pack_strips(qt))
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.dense = None if int8 else dense
-        assert block_kernels() is not None, "BlockLinear needs the C++ kernels (cpu_extension.ops)"
+        assert block_kernels() is not None, "BlockLinear needs the C++ kernels (extension.ops)"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # lean on purpose: a decode step makes ~120 of these calls, and each Python-level op costs about a microsecond
