@@ -208,18 +208,18 @@ class ChatSession:
         """Write the conversation as JSON: {"system": ..., "messages": [{"role", "content"}, ...]}."""
         try:
             Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        except OSError as e:
-            raise InvalidRequestError(f"cannot save to {str(path)!r}: {e.strerror}") from None
+        except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+            raise InvalidRequestError(f"cannot save to {str(path)!r}: {_reason(e)}") from None
 
     def load(self, path: str | Path):
         """Replace the conversation with a saved one: this format, or a plain message list (an optional system
         message first, then user/assistant alternating). The system prompt is kept when the file has none."""
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except OSError as e:
-            raise InvalidRequestError(f"cannot read {str(path)!r}: {e.strerror}") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InvalidRequestError(f"{str(path)!r} is not JSON: {e}") from None
+        except (OSError, ValueError) as e:
+            raise InvalidRequestError(f"cannot read {str(path)!r}: {_reason(e)}") from None
         system, history = _parse_conversation(data, str(path))
         self._settle()
         self.history = history
@@ -228,21 +228,36 @@ class ChatSession:
         self.last = None
 
 
+def _reason(e: Exception) -> str:
+    return getattr(e, "strerror", None) or str(e)
+
+
+def _is_text(value: Any) -> bool:
+    """A str that can be encoded: JSON's \\ud800 escapes give lone surrogates the tokenizer cannot take."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _parse_conversation(data: Any, where: str) -> tuple[str | None, list[dict]]:
     if isinstance(data, dict):
         system, messages = data.get("system"), data.get("messages")
-        if system is not None and not isinstance(system, str):
-            raise InvalidRequestError(f"{where}: 'system' must be a string, got {system!r}")
     else:
         system, messages = None, data
     if not isinstance(messages, list):
         raise InvalidRequestError(f"{where}: expected {{'system': ..., 'messages': [...]}} or a list of messages")
     if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
         system, messages = messages[0].get("content"), messages[1:]
+    if system is not None and not _is_text(system):
+        raise InvalidRequestError(f"{where}: the system prompt must be a string of text, got {system!r}")
     history = []
     for i, m in enumerate(messages):
         want = "user" if i % 2 == 0 else "assistant"
-        if not isinstance(m, dict) or m.get("role") != want or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or m.get("role") != want or not _is_text(m.get("content")):
             raise InvalidRequestError(f"{where}: message {i} must be {{'role': '{want}', 'content': TEXT}} "
                                       f"(user and assistant alternating), got {m!r}")
         history.append({"role": want, "content": m["content"]})

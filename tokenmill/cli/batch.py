@@ -3,16 +3,19 @@
 INPUT is a text file (one prompt a line; ids are line numbers) or JSONL: {"id", "prompt"} or {"id", "messages"}, plus
 any SamplingParams fields for that line. Each finished request is appended to OUTPUT and flushed at once, so Ctrl-C or a
 crash loses nothing already done; a rerun skips ids already in OUTPUT. When every request is done OUTPUT is rewritten in
-input order. Bad lines are reported with their line number and skipped (`--strict`: the first one fails the run); a
-prompt that can never run gets an error line of its own while the others complete.
+input order. OUTPUT `-`, a pipe or a device is streamed instead: lines in the order they finish, no resume. Bad lines
+are reported with their line number and skipped (`--strict`: the first one fails the run); a prompt that can never run
+gets an error line of its own while the others complete.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import stat
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     b = subparsers.add_parser("batch", help="run a file of prompts with continuous batching, writing JSONL results",
                               description=__doc__.split("\n\n", 1)[1])
     b.add_argument("input", help="prompts: a text file (one a line) or JSONL ({\"id\", \"prompt\" | \"messages\"})")
-    b.add_argument("-o", "--output", required=True, help="results, JSONL (appended to and resumed from)")
+    b.add_argument("-o", "--output", required=True,
+                   help="results, JSONL: a file (appended to and resumed from), or - for stdout")
     b.add_argument("--format", choices=("auto", "text", "jsonl"), default="auto",
                    help="input format (default: jsonl if the first line is a JSON object)")
     b.add_argument("--chat", action="store_true", help="wrap plain prompts in the chat template as a user turn")
@@ -119,40 +123,98 @@ def _parse_json_line(line: str, n: int, base: dict, SamplingParams):
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in prompt):
             raise InvalidRequestError('messages must be a non-empty list of {"role": str, "content": str}')
-    overrides = {ALIASES.get(k, k): v for k, v in d.items()}
-    return str(rid), prompt, SamplingParams.from_dict({**base, **overrides})
+    given = {ALIASES.get(k, k) for k in d}  # the line's own fields go through from_dict as written: both of
+    base = {k: v for k, v in base.items() if k not in given}  # max_tokens and max_new_tokens is an error there too
+    return str(rid), prompt, SamplingParams.from_dict({**base, **d})
 
 
-def read_done(path: Path) -> set[str]:
-    """Ids already in OUTPUT. A torn last line (a crash mid-write) is cut off so appending starts on a fresh line."""
-    if not path.exists():
-        return set()
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-        data = data[: data.rfind(b"\n") + 1]
-    done = set()
-    for line in data.decode("utf-8", errors="replace").splitlines():
+class Output:
+    """Where result lines go. A regular file (symlinks followed) is resumed: the ids already in it are `done`, and
+    `path` is set so the caller can put it in input order at the end. `-`, a pipe or a device is streamed: nothing is
+    read back, nothing renamed. Refused: a directory, the input file itself, a file that is not one of our results."""
+
+    def __init__(self, name: str, src: Path):
+        self.name, self.path, self.done = name, None, set()
+        if name == "-":
+            self.file = sys.stdout
+            return
         try:
-            done.add(str(json.loads(line)["id"]))
-        except (ValueError, KeyError, TypeError):
-            pass
+            st = os.stat(name)
+        except FileNotFoundError:
+            st = None
+        except OSError as e:
+            raise InvalidRequestError(f"cannot write output {name!r}: {e.strerror}") from None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise InvalidRequestError(f"cannot write output {name!r}: it is a directory")
+        if st is not None and os.path.samestat(st, os.stat(src)):
+            raise InvalidRequestError(f"output {name!r} is the input file {str(src)!r}; write the results to "
+                                      "another file")
+        if st is None or stat.S_ISREG(st.st_mode):
+            self.path = Path(os.path.realpath(name))
+        try:
+            self.done = read_done(self.path, name) if self.path and st else set()
+            self.file = open(self.path or name, "a", encoding="utf-8")
+        except OSError as e:
+            raise InvalidRequestError(f"cannot write output {name!r}: {e.strerror}") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not sys.stdout:
+            self.file.close()
+
+
+def _result_id(line: bytes) -> str | None:
+    """The id of a result line as `result_line` writes it, else None."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return str(row["id"]) if isinstance(row, dict) and "id" in row and "finish_reason" in row else None
+
+
+def read_done(path: Path, name: str) -> set[str]:
+    """Ids already in OUTPUT. A torn last line (a crash mid-write) is cut off so appending starts on a fresh line;
+    any other line that is not a result means the file is not ours, and it is refused before anything is changed."""
+    done, whole = set(), 0  # whole: bytes up to the end of the last complete line
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            torn = not line.endswith(b"\n")
+            rid = _result_id(line)
+            if rid is None and line.strip() and not (torn and line.startswith(b'{"id": ')):
+                raise InvalidRequestError(
+                    f"output {name!r} exists and is not a `tokenmill batch` results file (line {n} is not a result); "
+                    "give another file, or remove it to start over")
+            if torn:
+                break
+            if rid is not None:
+                done.add(rid)
+            whole += len(line)
+    if whole < path.stat().st_size:
+        with open(path, "r+b") as f:
+            f.truncate(whole)
     return done
 
 
 def reorder(path: Path, order: dict[str, int]):
-    """Rewrite OUTPUT in input order (ids not in the input last); unparsable lines are dropped. Atomic."""
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        try:
-            rid = str(json.loads(line)["id"])
-        except (ValueError, KeyError, TypeError):
-            continue
-        rows.append((order.get(rid, len(order) + i), line))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for _, line in sorted(rows, key=lambda r: r[0])), encoding="utf-8")
-    os.replace(tmp, path)
+    """Rewrite OUTPUT in input order (ids not in the input last) through a new file in its folder, with its permissions,
+    renamed over it. If that file cannot be written the results stay as they are, in the order they finished."""
+    with open(path, "rb") as f:
+        rows = [(order.get(rid, len(order) + i), line) for i, line in enumerate(f)
+                if (rid := _result_id(line)) is not None]
+    rows.sort(key=lambda r: r[0])
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.writelines(line for _, line in rows)
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            os.unlink(tmp)
+        _warn(f"{path} left in the order requests finished: cannot write a reordered copy beside it ({e.strerror})")
 
 
 def result_line(item: Item, out) -> dict[str, Any]:
@@ -176,22 +238,16 @@ def cmd_batch(args) -> int:
     params = sampling_from_args(args)  # bad flags, input and output fail before the model loads
     if args.kv_cache_memory is not None:
         parse_memory(args.kv_cache_memory)
-    src, dst = Path(args.input), Path(args.output)
+    src = Path(args.input)
     items, bad = read_input(src, args.format, params, args.strict)
-    if dst.is_dir():
-        raise InvalidRequestError(f"cannot write output {str(dst)!r}: it is a directory")
-    try:
-        done = read_done(dst)
-        out = open(dst, "a", encoding="utf-8")
-    except OSError as e:
-        raise InvalidRequestError(f"cannot write output {str(dst)!r}: {e.strerror}") from None
-    with out:
-        todo = [it for it in items if it.id not in done]
+    with Output(args.output, src) as out:
+        todo = [it for it in items if it.id not in out.done]
         resumed = len(items) - len(todo)
         if resumed:
-            _warn(f"{resumed} of {len(items)} requests already in {dst}; running the other {len(todo)}")
+            _warn(f"{resumed} of {len(items)} requests already in {args.output}; running the other {len(todo)}")
         summary = _run(args, todo, out) if todo else None
-    reorder(dst, {it.id: it.index for it in items})
+    if out.path is not None:
+        reorder(out.path, {it.id: it.index for it in items})
     if summary is not None:
         print(summary + (f" | {bad} bad input lines skipped" if bad else ""), file=sys.stderr)
     elif not items:
@@ -199,7 +255,7 @@ def cmd_batch(args) -> int:
     return 0
 
 
-def _run(args, todo: list[Item], out) -> str:
+def _run(args, todo: list[Item], output: Output) -> str:
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
@@ -223,8 +279,8 @@ def _run(args, todo: list[Item], out) -> str:
 
     def write(item: Item, res) -> None:
         nonlocal prompt_tok, cached_tok, gen_tok, errors
-        out.write(json.dumps(result_line(item, res), ensure_ascii=False) + "\n")
-        out.flush()
+        output.file.write(json.dumps(result_line(item, res), ensure_ascii=False) + "\n")
+        output.file.flush()
         if res.error:
             errors += 1
         else:
@@ -265,7 +321,8 @@ def _run(args, todo: list[Item], out) -> str:
                 progress.update(task, rate=f"prompt {st.prompt_tokens_computed / wall:.0f} tok/s | "
                                            f"gen {gen_tok / wall:.0f} tok/s")
     except KeyboardInterrupt:
-        _warn(f"interrupted: finished results are in {out.name}; run the same command again to resume")
+        _warn(f"interrupted: finished results are in {output.name}; "
+              + ("run the same command again to resume" if output.path else "a stream cannot be resumed"))
         raise
     wall = time.perf_counter() - t0
     done = len(todo) - errors

@@ -93,15 +93,21 @@ class ChatREPL:
             import readline  # noqa: F401  (line editing and history for input())
 
             self.note(f"chatting with {self.s.llm.loaded.path.name}; /help for commands, Ctrl-D to leave")
+        if hasattr(sys.stdin, "reconfigure"):  # a strict decoder would drop a bad byte's whole block, not its line
+            sys.stdin.reconfigure(errors="surrogateescape")
         while True:
             try:
                 line = input("\n> ") if self.tty else sys.stdin.readline()
+                line.encode("utf-8")  # bad bytes arrive as lone surrogates (see above)
             except KeyboardInterrupt:
                 self.note("\n(/quit or Ctrl-D to leave)")
                 continue
             except EOFError:  # Ctrl-D
                 print()
                 return 0
+            except UnicodeError:
+                self.note("error: that line is not valid UTF-8; it was not sent (type it again)", "red")
+                continue
             if not self.tty and not line:  # end of input
                 return 0
             line = line.rstrip("\n")

@@ -2,7 +2,9 @@
 mistakes (formats/prompt_check.py); each finding printed with its offset, line, column and fix."""
 from __future__ import annotations
 
+import bisect
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -71,9 +73,10 @@ def cmd_check_prompt(args) -> int:
         prompt = template.render(messages)
     special = not args.raw_specials and (template.encode_special if template else True)
     findings = check_prompt(prompt, vocab=tok, template=template, messages=messages, encode_special=special)
+    line_starts = [0] + [m.end() for m in re.finditer("\n", prompt)]  # once: per finding it would be quadratic
     for f in findings:
-        line = prompt.count("\n", 0, f.offset) + 1
-        col = f.offset - (prompt.rfind("\n", 0, f.offset) + 1) + 1
+        line = bisect.bisect_right(line_starts, f.offset)
+        col = f.offset - line_starts[line - 1] + 1
         print(f"{f.code} at offset {f.offset} (line {line}, column {col}): {f.message}\n    fix: {f.fix}")
     fmt = template.name if template else "detected from the prompt"
     print(f"{len(findings)} finding{'s' * (len(findings) != 1)} (template: {fmt})", file=sys.stderr)

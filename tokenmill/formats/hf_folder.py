@@ -48,8 +48,15 @@ class HFFolder:
             f"{self.path} has no weights: expected model.safetensors or model.safetensors.index.json with shards"
         )
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """HF name -> shape of every stored weight, from the shard headers alone (no data is read)."""
+        return dict(self._read(lambda f, name: tuple(f.get_slice(name).get_shape())))
+
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, tensor) for every stored weight, memory-mapped."""
+        return self._read(lambda f, name: f.get_tensor(name))
+
+    def _read(self, get) -> Iterator[tuple[str, Any]]:
         from safetensors import safe_open
 
         for shard in self.shards:
@@ -57,6 +64,6 @@ class HFFolder:
                 with safe_open(shard, framework="pt") as f:
                     for name in f.keys():
                         if not name.endswith("rotary_emb.inv_freq"):
-                            yield name, f.get_tensor(name)
+                            yield name, get(f, name)
             except Exception as e:  # safetensors raises its own SafetensorError on damaged files
                 raise ModelLoadError(f"cannot read weights from {shard}: {e}") from None

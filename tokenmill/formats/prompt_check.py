@@ -119,13 +119,15 @@ def detect_format(text: str) -> str | None:
 
 
 @lru_cache
-def _regex(fmt: _Format) -> re.Pattern:
-    # One alternation over all marks: mark i is group m<i>, its role group role<i>.
+def _regex(fmt: _Format) -> tuple[re.Pattern, dict[int, tuple[_Mark, str]]]:
+    """One alternation over all marks (mark i is group m<i>, its role group role<i>), and group number -> (mark, name
+    of its role group): the outer group closes last, so a match's lastindex is its mark's group."""
     parts = (f"(?P<m{i}>{m.pattern.replace('?P<role>', f'?P<role{i}>')})" for i, m in enumerate(fmt.marks))
-    return re.compile("|".join(parts))
+    pattern = re.compile("|".join(parts))
+    return pattern, {pattern.groupindex[f"m{i}"]: (m, f"role{i}") for i, m in enumerate(fmt.marks)}
 
 
-@dataclass
+@dataclass(slots=True)
 class _Turn:
     role: str
     start: int
@@ -137,9 +139,9 @@ def _parse(prompt: str, fmt: _Format, found: list[Finding]) -> tuple[list[_Turn]
     """The prompt's turns and the one left open at the end (None if the last turn was closed)."""
     turns: list[_Turn] = []
     current: _Turn | None = None
-    for m in _regex(fmt).finditer(prompt):
-        i = int(m.lastgroup[1:])  # the outer group closes last, so lastgroup is m<i>
-        mark, pos = fmt.marks[i], m.start()
+    pattern, marks = _regex(fmt)
+    for m in pattern.finditer(prompt):
+        (mark, role_group), pos = marks[m.lastindex], m.start()
         if mark.action in ("close", "reply"):
             if current is None or (mark.action == "reply" and current.role != "user"):
                 found.append(Finding("unbalanced_tag", f"{m.group()!r} closes a turn that was never opened", pos,
@@ -151,15 +153,15 @@ def _parse(prompt: str, fmt: _Format, found: list[Finding]) -> tuple[list[_Turn]
             continue
         if current is not None:  # a turn opens while another is still open
             if current.implicit and not prompt[current.body:pos].strip():
-                turns.remove(current)  # "[/INST][INST]": no reply at all, i.e. two user turns in a row
+                turns.pop()  # "[/INST][INST]": no reply at all, i.e. two user turns in a row (current is the last)
             elif fmt.closed is None or current.role in fmt.closed:
                 found.append(Finding("unbalanced_tag", f"the {current.role} turn opened here is never closed with "
                                      f"{fmt.end!r}", current.start, f"end it with {fmt.end!r} before the next turn"))
-        raw, body = mark.role or m.group(f"role{i}"), m.end()
+        raw, body = mark.role or m.group(role_group), m.end()
         if mark.role is None and raw.lower() not in _KNOWN_ROLES:  # "<|im_start|>userHello": no separator at all
             known = next((r for r in _KNOWN_ROLES if raw.lower().startswith(r)), None)
             if known:
-                raw, body = raw[: len(known)], m.start(f"role{i}") + len(known)
+                raw, body = raw[: len(known)], m.start(role_group) + len(known)
         if mark.sep and not prompt.startswith(mark.sep, body):
             found.append(Finding("missing_newline", f"the {fmt.name} tag for {raw!r} must be followed by {mark.sep!r}",
                                  body, f"insert {mark.sep!r} right after the role tag"))
@@ -264,15 +266,18 @@ def _no_system(offset: int, fmt: str) -> Finding:
 
 def _token_findings(prompt: str, vocab: Vocab, fmt: _Format | None, encode_special: bool) -> list[Finding]:
     found = []
-    required = [t for t in (fmt.tokens if fmt else ()) if t in prompt]
-    for tok in required:
+    # first offset of each token-like text, found in one pass (a find per distinct token would be quadratic)
+    first = {t: at for t in (fmt.tokens if fmt else ()) if (at := prompt.find(t)) >= 0}
+    for tok, at in first.items():
         if vocab.token_to_id(tok) is None:
             found.append(Finding(
                 "token_not_in_vocab", f"{tok!r} of the {fmt.name} format is not a token of this model; it would reach "
-                "the model as plain text it was never trained on", prompt.find(tok),
+                "the model as plain text it was never trained on", at,
                 f"use the model's own template, or a format whose tokens the model has (not {fmt.name})"))
+    for m in _TOKEN_LIKE.finditer(prompt):
+        first.setdefault(m.group(), m.start())
     added = None  # ids the tokenizer adds to any text (a BOS), not counted as pieces of the token
-    for tok in dict.fromkeys(required + _TOKEN_LIKE.findall(prompt)):
+    for tok, at in first.items():
         tid = vocab.token_to_id(tok)
         if tid is None:
             continue
@@ -285,5 +290,5 @@ def _token_findings(prompt: str, vocab: Vocab, fmt: _Format | None, encode_speci
         else:
             why, fix = "special-token parsing is off", "tokenize with special tokens parsed (encode_special=True)"
         found.append(Finding("special_token_split", f"{tok!r} would be encoded as {len(ids) - added} plain tokens, not as "
-                             f"token {tid}, because {why}", prompt.find(tok), fix))
+                             f"token {tid}, because {why}", at, fix))
     return found

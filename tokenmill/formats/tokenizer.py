@@ -160,9 +160,14 @@ class Tokenizer:
             warnings.warn(f"GGUF vocabulary repeats {len(tokens) - len(vocab)} token texts; "
                           "the later copies cannot be produced by encode and decode to nothing", stacklevel=2)
 
+        merges = meta.get("tokenizer.ggml.merges") or []
+        if kind == "gpt2" and not merges and any(len(t) > 1 for t, ty in zip(tokens, types) if ty == NORMAL):
+            raise ModelLoadError("GGUF tokenizer is byte-level BPE (tokenizer.ggml.model 'gpt2') but has no "
+                                 "tokenizer.ggml.merges, so every character would be its own token; the file is damaged "
+                                 "or was converted without merges: convert it again")
         try:
             if kind == "gpt2":
-                backend = _byte_level_bpe(vocab, meta.get("tokenizer.ggml.merges") or [], pre)
+                backend = _byte_level_bpe(vocab, merges, pre)
             else:
                 add_space_prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
                 scores = meta.get("tokenizer.ggml.scores") or [-float(i) for i in range(len(tokens))]

