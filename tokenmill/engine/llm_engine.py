@@ -105,7 +105,7 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens, max_model_len=llm.context_length)
-        self.sampler = Sampler(cfg.vocab_size)
+        self.sampler = Sampler(cfg.vocab_size, kernels=self.runner.kernels)
         self._lock = threading.Lock()
         self._inbox: list[Request] = []
         self._aborts: list[str] = []

@@ -209,8 +209,11 @@ def skew(probs, exponent, sort=sort) -> torch.Tensor:
     """Step 10: sorted descending with cdf C, token j gets C_j ** e - C_(j-1) ** e; tied tokens share their group's
     mass."""
     ps, order = sort(probs, True)
-    ps = ps / ps.sum(-1, keepdim=True)
-    cdf = ps.cumsum(-1)
+    # normalised by the cumsum's last entry: a row's sum must not depend on its batch (torch splits a lone row's
+    # sum over threads, so ps.sum(-1) rounds differently alone and in a batch), cumsum runs along each row in order
+    cum = ps.cumsum(-1)
+    total = cum[:, -1:]
+    ps, cdf = ps / total, cum / total
     new_group = torch.cat([torch.zeros_like(ps[:, :1]), (ps[:, 1:] != ps[:, :-1]).float()], 1)
     group = new_group.cumsum(-1).long()  # (R, C) index of each token's tie group
     hi = torch.zeros_like(ps).scatter_reduce_(1, group, cdf, "amax").clamp(0, 1)
