@@ -53,6 +53,19 @@ def test_constraints_that_leave_no_token_are_refused(llm):
         llm.generate("Hi", SamplingParams(allowed_tokens=[5, 6], disallowed_tokens=[6], logit_bias={5: float("-inf")}))
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_constraints_that_run_out_mid_generation_end_the_request_with_an_error(llm, temperature):
+    eos = min(llm.tokenizer.eos_ids)
+    # only EOS is allowed, but min_new_tokens holds EOS back: nothing is left at the first token
+    params = SamplingParams(temperature=temperature, allowed_tokens=[eos], min_new_tokens=2, max_new_tokens=4)
+    c = llm.generate("Hi", params)
+    assert c.finish_reason == "error" and "leave no token to sample at output token 0" in c.error
+    assert c.token_ids == []
+    ok = llm.generate("Hi", SamplingParams(temperature=temperature, allowed_tokens=[eos, 42], min_new_tokens=2,
+                                            max_new_tokens=4, ignore_eos=True))
+    assert ok.token_ids == [42] * 4
+
+
 def test_a_failing_step_fails_its_requests_and_the_engine_serves_the_others(llm):
     engine = LLMEngine(llm, kv_cache_memory="16MiB", max_num_seqs=2)
     real, calls = engine.sampler, []
@@ -98,3 +111,13 @@ def test_a_bad_line_in_a_batch_fails_alone(llm, monkeypatch, tmp_path):
     rows = {r["id"]: r for r in map(json.loads, dst.read_text().splitlines())}
     assert rows["bad"]["finish_reason"] == "error" and "logit_bias token ids must be in" in rows["bad"]["error"]
     assert rows["a"]["finish_reason"] == rows["b"]["finish_reason"] == "length"
+
+
+def test_cli_generate_with_no_token_left_is_a_one_line_error(llm, monkeypatch, capsys):
+    monkeypatch.setattr(tokenmill.llm, "load", lambda *a, **k: llm)
+    assert cli.main(["generate", "Hi", "--allow-token", "5", "--logit-bias", "5=-inf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "leave no token to sample" in err[0] and "finish" not in err[0]
+    eos = min(llm.tokenizer.eos_ids)
+    assert cli.main(["generate", "Hi", "--allow-token", str(eos), "--min-new-tokens", "1", "--temperature", "0"]) == 2
+    assert "leave no token to sample at output token 0" in capsys.readouterr().err

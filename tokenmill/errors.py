@@ -15,3 +15,7 @@ class UnsupportedError(TokenmillError):
 
 class InvalidRequestError(TokenmillError, ValueError):
     """A generation request or parameter is out of range (empty prompt, negative max tokens, ...)."""
+
+
+class GenerationError(TokenmillError):
+    """A generation that started could not go on (its sampling constraints ran out of tokens, a step failed)."""

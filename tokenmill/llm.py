@@ -17,14 +17,15 @@ from tokenmill.engine.llm_engine import LLMEngine, RequestOutput
 from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.request import Prompt, RequestFactory
 from tokenmill.engine.sequence import Completion
-from tokenmill.errors import InvalidRequestError, TokenmillError
+from tokenmill.errors import InvalidRequestError
 from tokenmill.model.loader import LoadedModel, load_model
 from tokenmill.sampling.params import SamplingParams
 
 
 class TextStream:
     """Iterates over the text pieces of one generation; `.completion` holds the result once it is exhausted or
-    closed (a generation stopped early ends with finish reason "aborted" and the text so far)."""
+    closed (a generation stopped early ends with finish reason "aborted" and the text so far; one that could not go on
+    with "error" and its `error`)."""
 
     def __init__(self, llm: LLM, request_id: str):
         self._llm, self._id = llm, request_id
@@ -41,8 +42,6 @@ class TextStream:
         finally:
             if self.completion is None:  # closed early (break, Ctrl-C): stop the request, keep what it made
                 self.completion = self._llm._cancel(self._id)
-        if self.completion.finish_reason == "error":
-            raise TokenmillError(f"generation failed: {self.completion.error}")
 
 
 class LLM:

@@ -5,6 +5,7 @@ import sys
 import time
 
 from tokenmill.cli.flags import add_load_flags, add_sampler_flags, load_llm, sampling_from_args, stats_line
+from tokenmill.errors import GenerationError
 from tokenmill.monitoring.metrics_log import add_metrics_flag, open_log
 
 
@@ -20,6 +21,8 @@ def cmd_generate(args) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if stream.completion.finish_reason == "error":
+        raise GenerationError(stream.completion.error)
     err.print(stats_line(stream.completion), style="dim", highlight=False)
     if log:
         log.record(stream.completion, llm, params=params, preset=args.preset)

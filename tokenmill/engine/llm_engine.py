@@ -202,8 +202,15 @@ class LLMEngine:
             return outs
         tokens = sampled.tokens.tolist()
         lps = sampled.logprobs.tolist() if sampled.logprobs is not None else [None] * len(reqs)
+        for req in (reqs[i] for i in sampled.exhausted):
+            req.error = (f"the sampling constraints leave no token to sample at output token {len(req.seq.output_ids)}: "
+                         "every allowed token is disallowed, biased to -inf, banned after a rewind or held back "
+                         "(EOS before min_new_tokens); allow more tokens")
         for req, token, lp in zip(reqs, tokens, lps):
             seq = req.seq
+            if req.error:
+                outs.append(self._final(req))
+                continue
             text = seq.append(token, lp if seq.params.logprobs else None)
             if seq.rewound:  # a banned string took tokens back: so does the cache
                 req.num_computed = self.blocks.truncate(req.id, min(req.num_computed, seq.cache_length))

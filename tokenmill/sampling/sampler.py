@@ -61,6 +61,7 @@ class SampleOutput:
     logprobs: torch.Tensor | None = None  # (B,) logprob of the chosen token under the final distribution
     top_ids: torch.Tensor | None = None  # (B, N), N = the largest top_logprobs asked for in the batch
     top_logprobs: torch.Tensor | None = None  # (B, N)
+    exhausted: list[int] = field(default_factory=list)  # rows whose masks left no token (their token is meaningless)
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ class Sampler:
         meta, x, edits = self._prepare(logits, seqs, route)  # steps 1-3: penalties, masks, DRY
         try:
             out = self._greedy(x, meta, route, edits)  # greedy rows: the argmax
+            out.exhausted = exhausted(x, seqs)
             for g in self._groups(x, meta, seqs, route, edits):  # steps 4-10, for groups of sampled rows
                 cols = route.draw(g, meta, seqs, self._buffer)  # step 11
                 self._emit(out, g, cols, meta, seqs)
@@ -289,3 +291,13 @@ class Sampler:
         if isinstance(sl, slice):
             return self._buffer(name, x.shape[0], x.shape[1], x.device).copy_(x) if copy else x
         return torch.index_select(x, 0, sl, out=self._buffer(name, len(sl), x.shape[1], x.device))
+
+
+def exhausted(x: torch.Tensor, seqs: list[SeqSamplingState]) -> list[int]:
+    """Rows of x (B, V), after the masks, with every token at -inf: only rows with allowed_tokens can get there (their
+    allowed ids all disallowed, biased to -inf, banned after a rewind, or EOS held back by min_new_tokens)."""
+    rows = [i for i, s in enumerate(seqs) if s.params.allowed_tokens is not None]
+    if not rows:
+        return []
+    empty = (x[rows].amax(-1) == float("-inf")).tolist()
+    return [r for r, e in zip(rows, empty) if e]
