@@ -39,7 +39,10 @@ class BlockManager:
         self.num_blocks, self.block_size, self.prefix_caching = num_blocks, block_size, prefix_caching
         self.ref = [0] * num_blocks
         self.key: list[Key | None] = [None] * num_blocks
-        self._free: deque[int] = deque(range(num_blocks))  # unreferenced, holding nothing cached
+        # unreferenced, holding nothing cached; taken from the left, and a released block goes back on the left: the
+        # blocks used last are used next (their memory is warm; on the CPU the pool's untouched pages are not even
+        # mapped yet), and a sequence that continues a finished one's prefix gets the block after it back
+        self._free: deque[int] = deque(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced but cached; least recently used first
         self._cached: dict[Key, int] = {}  # key -> block id
         self.pending: Counter[Key] = Counter()  # keys of prompt blocks some running sequence is about to compute
@@ -87,10 +90,10 @@ class BlockManager:
 
     def reset_prefix_cache(self):
         """Forget every cached block nobody references."""
-        for b in self._evictable:
+        for b in self._evictable:  # least recently used first: the most recent end up first in line
             del self._cached[self.key[b]]
             self.key[b] = None
-            self._free.append(b)
+            self._free.appendleft(b)
         self._evictable.clear()
 
     # -- a sequence's blocks --
@@ -180,4 +183,4 @@ class BlockManager:
             if self.key[b] is not None:
                 self._evictable[b] = None
             else:
-                self._free.append(b)
+                self._free.appendleft(b)

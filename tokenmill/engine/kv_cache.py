@@ -128,11 +128,10 @@ class PagedKVView:
         for lo, hi in _split_by_width([s // bs + 1 for s in starts[:n_dec]] if grouped else []):
             width = max(s // bs for s in starts[lo:hi]) + 1  # blocks up to the one holding the new token
             padded = [t[:width] + [0] * (width - min(width, len(t))) for t in tables[lo:hi]]
-            self._decodes.append((lo, hi - lo, torch.tensor(padded, dtype=torch.long, device=dev),
-                                  starts[lo:hi]))
+            self._decodes.append((lo, hi - lo, _blocks(padded[0] if hi - lo == 1 else padded, dev), starts[lo:hi]))
         off = n_dec
         for s, n, table in zip(starts[n_dec:], lengths[n_dec:], tables[n_dec:]):
-            self._chunks.append((off, n, s, torch.tensor(table[: -(-(s + n) // bs)], dtype=torch.long, device=dev)))
+            self._chunks.append((off, n, s, _blocks(table[: -(-(s + n) // bs)], dev)))
             off += n
 
     def _decode_mask(self, off: int, width: int, starts: list[int], window: int | None) -> torch.Tensor | None:
@@ -188,12 +187,12 @@ class PagedKVView:
                 out = cpu_attention.decode_attention(q[0, :, :n_dec].transpose(0, 1), K, V, tables, lengths, window)
                 outs.append(out.transpose(0, 1)[None])  # (1, H, n_dec, D)
         for off, B, blocks, starts in self._decodes:
-            width = blocks.shape[1]
+            width = blocks.stop - blocks.start if isinstance(blocks, slice) else blocks.shape[-1]
             # the H / KV query heads sharing a kv head go in as that head's queries: (B, KV, H / KV, D), no GQA expand
             qd = q[0, :, off : off + B].transpose(0, 1).reshape(B, KV, H // KV, D)
             # (B, KV, L, D), widened when the pool is 16-bit under an fp32 model
-            keys = K.index_select(0, blocks.flatten()).view(B, width * bs, KV, D).transpose(1, 2).to(q.dtype)
-            values = V.index_select(0, blocks.flatten()).view(B, width * bs, KV, D).transpose(1, 2).to(q.dtype)
+            keys = _take(K, blocks).view(B, width * bs, KV, D).transpose(1, 2).to(q.dtype)
+            values = _take(V, blocks).view(B, width * bs, KV, D).transpose(1, 2).to(q.dtype)
             mask = self._decode_mask(off, width, starts, window)
             out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=mask)
             outs.append(out.reshape(B, H, D).transpose(0, 1)[None])  # (1, H, B, D)
@@ -208,13 +207,26 @@ class PagedKVView:
             if start == 0:  # nothing cached before the chunk: its keys are the new ones
                 keys, values = k[:, :, off : off + n], v[:, :, off : off + n]
             else:
-                keys = K.index_select(0, blocks).view(1, -1, KV, D)[:, :end].transpose(1, 2)  # (1, KV, end, D)
-                values = V.index_select(0, blocks).view(1, -1, KV, D)[:, :end].transpose(1, 2)
+                keys = _take(K, blocks).view(1, -1, KV, D)[:, :end].transpose(1, 2)  # (1, KV, end, D)
+                values = _take(V, blocks).view(1, -1, KV, D)[:, :end].transpose(1, 2)
                 keys, values = keys.to(q.dtype), values.to(q.dtype)  # a 16-bit pool under an fp32 model
             mask = self._chunk_mask(off, n, start, window)
             outs.append(F.scaled_dot_product_attention(
                 q[:, :, off : off + n], keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def _blocks(table: list, device) -> slice | torch.Tensor:
+    """A sequence's block ids as a slice of the pool when they are consecutive (read in place: no copy), else a tensor
+    to gather by; a list of tables (several rows) is always a tensor."""
+    if table and not isinstance(table[0], list) and table == list(range(table[0], table[0] + len(table))):
+        return slice(table[0], table[0] + len(table))
+    return torch.tensor(table, dtype=torch.long, device=device)
+
+
+def _take(pool: torch.Tensor, blocks: slice | torch.Tensor) -> torch.Tensor:
+    """pool (blocks, bs, KV, D) at the blocks: a view for a slice, a gathered copy for ids (any shape, flattened)."""
+    return pool[blocks] if isinstance(blocks, slice) else pool.index_select(0, blocks.flatten())
 
 
 def _split_by_width(widths: list[int], min_rows: int = 8) -> list[tuple[int, int]]:
