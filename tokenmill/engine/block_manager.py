@@ -113,7 +113,7 @@ class BlockManager:
         n = self.blocks_for(num_tokens) - len(s.table)
         assert n <= self.num_free, f"{n} blocks needed, {self.num_free} free"
         for _ in range(n):
-            s.table.append(self._take())
+            s.table.append(self._take(s.table[-1] + 1 if s.table else None))
 
     def commit(self, seq_id: Hashable, token_ids: list[int], num_computed: int):
         """Register the sequence's full blocks among its first `num_computed` tokens (their k/v now written)."""
@@ -166,8 +166,22 @@ class BlockManager:
                 del self.pending[k]
         s.n_pending = max(s.n_cached, min(s.n_pending, upto))
 
-    def _take(self) -> int:
-        if self._free:
+    def _take(self, prefer: int | None = None) -> int:
+        """A block for a sequence: `prefer` (the one after its last) when nobody holds it, even evicting it from the
+        prefix cache (in a conversation it holds the previous reply's tail, which the next prompt did not match), so a
+        sequence's blocks stay consecutive and attention reads them in place; else a free block, else the least
+        recently used cached one."""
+        if prefer is not None and prefer < self.num_blocks and self.ref[prefer] == 0:
+            b = prefer
+            if self.key[b] is not None:
+                del self._evictable[b]
+                del self._cached[self.key[b]]
+                self.key[b] = None
+            elif self._free[0] == b:
+                self._free.popleft()
+            else:
+                self._free.remove(b)
+        elif self._free:
             b = self._free.popleft()
         else:
             b, _ = self._evictable.popitem(last=False)
