@@ -1,11 +1,11 @@
-// The sampler's passes over (B, V) logits on the CPU (AVX-512, one row per work item); tokenmill/sampler.py keeps the
-// PyTorch path beside each as the reference (`_blocks`, `_penalties`, `_masses`, `_gather`).
+// The sampler's passes over (B, V) logits on the CPU (AVX-512, one row per work item); tokenmill/sampling/ keeps the
+// PyTorch path beside each as the reference (candidates.block_max / masses / gather, penalties.penalize).
 //
 // tokenmill::block_max(x, G) -> (B, ceil(V / G)) float32: the maximum of each run of G columns (NaN if any is NaN)
 // tokenmill::copy_block_max(src, dst, G) -> block_max(src, G), copying src into dst (same shape) on the way
 // tokenmill::block_max_update(x, blocks, rows, cols, old, G): blocks (x's block maxima before an edit) made current
 //   after x[rows[i], cols[i, j]] changed from old[i, j] (cols, old (n, L)); G a power of two
-// tokenmill::penalties(x, blocks, hist, rep, range, decay, freq, pres, n_out, G) -> old: sampler._penalties on x in
+// tokenmill::penalties(x, blocks, hist, rep, range, decay, freq, pres, n_out, G) -> old: penalties.penalize on x in
 //   place over hist (B, L) (-1: none), each token once, and blocks (optional) kept current (as block_max_update);
 //   rep, range (inf: all), decay, freq, pres (B,) float32, n_out (B,) each row's output length; old (B, L): x at
 //   hist.clamp(min=0) before
@@ -167,7 +167,7 @@ void block_max_update(const at::Tensor& x, at::Tensor& blocks, const at::Tensor&
   }
 }
 
-// float arithmetic as torch's _penalties does it, op by op (no fused multiply-adds)
+// float arithmetic as the torch reference (penalties.py) does it, op by op (no fused multiply-adds)
 __attribute__((optimize("fp-contract=off"))) at::Tensor penalties(at::Tensor& x, const std::optional<at::Tensor>& blocks_,
                                                                  const at::Tensor& hist,
                                                            const at::Tensor& rep_, const at::Tensor& range_,
