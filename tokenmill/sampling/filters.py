@@ -140,7 +140,7 @@ def truncate(x, meta: SamplingMetadata, sl, sort=sort, is_sorted=False, lse=None
     return vals.masked_fill(~keep, -math.inf), None if ok is None else ok.squeeze(1) | (tau == -math.inf)
 
 
-def finish(g: Group, meta: SamplingMetadata, seqs, sort, softmax, buffer) -> None:
+def distribution(g: Group, meta: SamplingMetadata, seqs, sort, softmax, buffer) -> None:
     """Steps 7-10 on a truncated group: sets g.probs (and g.miro_probs, g.mu for mirostat). A full-space group's x
     may be the caller's logits (where no step before the softmax edits it in place)."""
     x, sl = g.x, g.sl

@@ -44,7 +44,7 @@ import torch
 from tokenmill.kernels.cpu.extension import ops
 from tokenmill.sampling.candidates import CHUNK, TIERS, CandidateSpace
 from tokenmill.sampling.draw import argmax, block_argmax, draw, draw_cpu, logprobs
-from tokenmill.sampling.filters import (Group, finish, mirostat_update, smooth_, softmax, softmax_cpu, sort, sort_cpu,
+from tokenmill.sampling.filters import (Group, distribution, mirostat_update, smooth_, softmax, softmax_cpu, sort, sort_cpu,
                                         truncate)
 from tokenmill.sampling.metadata import SamplingMetadata, h2d
 from tokenmill.sampling.penalties import Edits, Owners, dry, dry_sparse, mask, penalize, penalize_kernel
@@ -235,7 +235,7 @@ class Sampler:
         if rest:
             groups.append(self._full_space(x, rest, t1, meta, edits.undoable, route.sort))
         for g in groups:
-            finish(g, meta, seqs, route.sort, route.softmax, self._buffer)
+            distribution(g, meta, seqs, route.sort, route.softmax, self._buffer)
         return groups
 
     def _smooth_rows(self, x, meta: SamplingMetadata, borrowed: bool) -> torch.Tensor:
