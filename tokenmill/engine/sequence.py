@@ -119,10 +119,6 @@ class Sequence:
         return self.finish_reason is not None
 
     @property
-    def last_token(self) -> int:
-        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
-
-    @property
     def cache_length(self) -> int:
         """Tokens whose k/v the cache must hold before the next decode step (all but the last token)."""
         return len(self.prompt_ids) + len(self.output_ids) - 1
